@@ -1,0 +1,41 @@
+"""td_kernels: fast targeted dropout (Gomez et al.) for PyTorch.
+
+Backends register themselves with ``td_kernels._registry`` on import: the pure-PyTorch
+reference always; the Triton kernels where ``triton`` imports; the native C++/CUDA kernels
+where the extension was built. See README.md and SPEC.md for the exact semantics.
+"""
+import torch
+
+from . import _registry, reference
+from ._registry import Backend, available_backends
+
+_registry.register(Backend(
+    name="reference",
+    priority={"cpu": 0, "cuda": 0, "mps": 0, "xpu": 0},
+    weight_dropout=reference.weight_dropout,
+    weight_dropout_backward=reference.weight_dropout_backward,
+    unit_dropout=reference.unit_dropout,
+    unit_dropout_backward=reference.unit_dropout_backward,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32,
+            torch.float64),
+))
+
+try:
+    from . import triton as _triton_backend  # noqa: F401  (registers "triton")
+except Exception as e:  # triton not installed, too old, or broken
+    _registry.unavailable("triton", f"Triton could not be imported ({e}); install it with `pip install 'triton>=3.4'`")
+
+try:
+    from . import native as _native_backend  # noqa: F401  (registers "native")
+except Exception as e:  # extension not built, or built against another torch
+    _registry.unavailable("native", f"the compiled extension td_kernels._C did not load ({e}); build it with "
+                          "`pip install --no-build-isolation -e .` after installing torch")
+
+from . import ops  # noqa: E402  (registers the torch.library ops)
+from .api import prune_units, prune_weights, targeted_unit_dropout, targeted_weight_dropout  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "targeted_weight_dropout", "targeted_unit_dropout", "prune_weights", "prune_units",
+    "available_backends", "reference", "ops", "Backend",
+]

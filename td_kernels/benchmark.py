@@ -1,0 +1,624 @@
+"""Benchmarks that tell the truth: time, achieved bandwidth, memory kept for backward.
+
+``python -m td_kernels.benchmark --help`` (also ``td-kernels bench``). For every (op, mode,
+shape, dtype) it times each *provider*:
+
+* one per backend in ``td.available_backends(device)``, called through the public API with
+  ``backend=name`` (the Triton interpreter is not a provider: on CPU it measures Python);
+* ``torch-kthvalue``: the unfused composite a user would write by hand (abs, kthvalue per row,
+  a torch.rand draw, masked_fill) -- the yardstick of "what you'd otherwise write";
+* ``dropout``: ``torch.nn.functional.dropout`` on the same tensor;
+* ``clone``: a plain copy, the floor for any one-pass op (always measured: the bandwidth
+  fractions are relative to it).
+
+Timing: CUDA uses ``triton.testing.do_bench`` (L2 flushed before every run; median and
+20/80% quantiles); CPU uses ``torch.utils.benchmark.Timer`` (``blocked_autorange``, or single
+calls for ops slower than ``--slow-call-s``) at ``torch.get_num_threads()`` threads, stated in
+every row. Forward timing runs on a leaf that requires grad, as in training.
+
+Bandwidth: ``op_bytes`` is the traffic the op *must* move (see its docstring); GB/s =
+op_bytes / time is the same numerator for every provider of a row group, so it ranks time;
+``frac_copy`` divides it by the copy's bandwidth measured in the same run (the clone row uses
+the copy's own bytes). Memory: ``saved_bytes`` sums the tensors the autograd graph keeps for
+backward (the weight, a parameter, excluded); ``peak_mb`` is the peak memory a forward+backward
+allocates above what existed before it (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
+torch profiler's allocator events, i.e. every tensor allocation by torch, not the process RSS).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import math
+import os
+import re
+import subprocess
+import sys
+import weakref
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import td_kernels as td
+from td_kernels.reference import count
+
+__all__ = ["main", "op_bytes", "copy_bytes", "compare_rows", "saved_bytes", "provider_names", "make_fn",
+           "COLUMNS", "SHAPES", "QUICK_SHAPES", "OPS", "MODES"]
+
+# Linear [out, in] of a 7B-class MLP and attention, conv [out, in, 3, 3], and a long row.
+SHAPES = ("4096x4096", "11008x4096", "4096x11008", "512x512x3x3", "64x64x3x3", "256x1000000")
+QUICK_SHAPES = ("1024x1024", "64x64x3x3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPS = ("weight", "unit")
+MODES = ("fwd", "bwd", "fwd+bwd")
+YARDSTICKS = ("torch-kthvalue", "dropout", "clone")
+COLUMNS = (
+    "timestamp", "device_type", "device_name", "threads", "torch", "triton", "git_commit",
+    "op", "mode", "shape", "dtype", "provider", "drop_rate", "targ_rate",
+    "ms", "ms_p20", "ms_p80", "runs", "timer", "bytes", "gbps", "copy_gbps", "frac_copy",
+    "speedup_vs_reference", "speedup_vs_dropout", "saved_bytes_per_elem", "peak_mb",
+)
+# what identifies "the same measurement" across runs for --compare
+KEY_COLUMNS = ("device_name", "threads", "op", "mode", "shape", "dtype", "provider", "drop_rate", "targ_rate")
+
+
+# ---- the bytes model ---------------------------------------------------------------------
+def op_bytes(op: str, mode: str, U: int, F: int, elem_size: int) -> int:
+    """Bytes targeted dropout must move, N = U*F elements of ``elem_size`` bytes:
+
+    weight fwd: read W + write out (N each) + write the int32 limit (4 bytes/unit)
+    weight bwd: read grad + read W (keep is recomputed from the keys) + read limit + write grad_w
+    unit   fwd: read W + write out + write the bool keep flag (1 byte/unit)
+    unit   bwd: read grad + read keep + write grad_w (W is not needed)
+    fwd+bwd: the sum. The selection's own passes over W (the k-th key per row, the row norms)
+    are *not* counted: a fused kernel that keeps a row on chip reads W once, so this is the
+    floor, and GB/s above it means an implementation moves less than a one-pass op could.
+    """
+    N = U * F
+    if op == "weight":
+        fwd, bwd = 2 * N * elem_size + 4 * U, 3 * N * elem_size + 4 * U
+    elif op == "unit":
+        fwd, bwd = 2 * N * elem_size + U, 2 * N * elem_size + U
+    else:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def copy_bytes(mode: str, N: int, elem_size: int) -> int:
+    """A clone reads and writes N elements; fwd+bwd is two clones (W, then grad)."""
+    return (4 if mode == "fwd+bwd" else 2) * N * elem_size
+
+
+# ---- providers ---------------------------------------------------------------------------
+def _kthvalue_weight(w, drop_rate, targ_rate):
+    """Weight targeting as one would write it by hand, unfused: |W|, the k-th smallest per row
+    (kthvalue sorts/selects), a float32 uniform per element, and masked_fill, which keeps a
+    bool (1 byte per element) mask for backward."""
+    with torch.no_grad():
+        a = w.reshape(w.shape[0], -1).abs()
+        k = count(targ_rate, a.shape[1])
+        if k == 0 or k == a.shape[1]:
+            cand = torch.full_like(a, k != 0, dtype=torch.bool)
+        else:
+            cand = a < a.kthvalue(k + 1, dim=1, keepdim=True).values
+        drop = cand & (torch.rand(a.shape, device=a.device) < drop_rate)
+    return w.masked_fill(drop.view(w.shape), 0)
+
+
+def _kthvalue_unit(w, drop_rate, targ_rate):
+    """Unit targeting by hand: row L2 norms, kthvalue over them, one uniform per unit."""
+    with torch.no_grad():
+        U = w.shape[0]
+        norms = w.reshape(U, -1).float().norm(dim=1)
+        k = count(targ_rate, U)
+        if k == 0 or k == U:
+            cand = torch.full_like(norms, k != 0, dtype=torch.bool)
+        else:
+            cand = norms < norms.kthvalue(k + 1).values
+        drop = cand & (torch.rand(U, device=w.device) < drop_rate)
+    return w.masked_fill(drop.view(U, *[1] * (w.ndim - 1)), 0)
+
+
+def provider_names(device) -> list:
+    """Providers for ``device``: the library's backends (best first, reference first), then
+    the yardsticks. On CPU the Triton backend runs only in its interpreter: not a provider."""
+    dev = torch.device(device).type
+    backends = [b for b in td.available_backends(dev) if not (b == "triton" and dev != "cuda")]
+    backends.sort(key=lambda b: b != "reference")
+    return backends + list(YARDSTICKS)
+
+
+def make_fn(provider: str, op: str, drop_rate: float, targ_rate: float, seed: int = 1234) -> Callable:
+    """``w -> out`` for one provider and op (a fixed seed: no RNG draw is timed for ours)."""
+    if provider == "clone":
+        return torch.clone
+    if provider == "dropout":
+        return lambda w: F.dropout(w, drop_rate, training=True)
+    if provider == "torch-kthvalue":
+        f = _kthvalue_weight if op == "weight" else _kthvalue_unit
+        return lambda w: f(w, drop_rate, targ_rate)
+    api = td.targeted_weight_dropout if op == "weight" else td.targeted_unit_dropout
+    return lambda w: api(w, drop_rate, targ_rate, seed=seed, backend=provider)
+
+
+def make_bench_fn(provider: str, op: str, mode: str, w, g, drop_rate: float, targ_rate: float) -> Callable:
+    """The callable timed for a mode. ``w`` is a leaf requiring grad, ``g`` the incoming grad.
+
+    bwd: one forward builds the graph; each call runs backward through it (retain_graph).
+    clone has no real backward (CloneBackward passes grad through untouched), so its bwd is
+    an explicit copy of the grad: the floor for a one-pass backward."""
+    f = make_fn(provider, op, drop_rate, targ_rate)
+    if mode == "fwd":
+        return lambda: f(w)
+    if provider == "clone":
+        return (lambda: g.clone()) if mode == "bwd" else (lambda: (w.clone(), g.clone()))
+    if mode == "bwd":
+        out = f(w)
+        return lambda: torch.autograd.grad(out, w, g, retain_graph=True)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(f(w), w, g)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# ---- memory ------------------------------------------------------------------------------
+class _Packed:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
+def saved_bytes(fn: Callable, w) -> int:
+    """Bytes the autograd graph of ``fn(w)`` keeps for backward, the weight itself excluded.
+
+    Saved tensors are caught with saved_tensors_hooks and held through weak handles, so what a
+    graph packed and already freed (intermediate nodes that died) does not count; tensors
+    stashed as attributes on graph nodes are found by walking the graph. Each storage counts
+    once, whole."""
+    handles = []
+
+    def pack(t):
+        h = _Packed(t)
+        handles.append(weakref.ref(h))
+        return h
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        out = fn(w)
+    gc.collect()
+    tensors = [h().t for h in handles if h() is not None]
+    seen, stack = set(), [out.grad_fn]
+    while stack:  # ctx.<attr> = tensor on custom autograd Functions
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for v in getattr(node, "__dict__", {}).values():
+            for t in (v if isinstance(v, (list, tuple)) else (v,)):
+                if isinstance(t, torch.Tensor):
+                    tensors.append(t)
+        stack.extend(n for n, _ in node.next_functions)
+    skip = {w.untyped_storage().data_ptr()}
+    total = 0
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            skip.add(s.data_ptr())
+            total += s.nbytes()
+    del out
+    return total
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Kineto prints start/stop lines to fd 2; keep the table readable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_bytes(fn: Callable, device: torch.device) -> Optional[int]:
+    """Peak bytes allocated by one call of ``fn`` above what was allocated before it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+# ---- timing ------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    ms: float
+    p20: float
+    p80: float
+    runs: int
+    timer: str
+
+
+def _quantile(xs, q):
+    xs = sorted(xs)
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_fn(fn: Callable, device: torch.device, args) -> Timing:
+    if device.type == "cuda":
+        try:
+            import triton.testing
+        except ImportError:
+            return _time_cuda_events(fn, args)
+        ms, p20, p80 = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return Timing(ms, p20, p80, -1, "triton.testing.do_bench")
+    from torch.utils.benchmark import Timer
+    t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    first = t.timeit(1).median  # warm-up, and tells slow ops apart
+    if first > args.slow_call_s:  # e.g. the reference on CPU: a few single calls
+        times = [t.timeit(1).median for _ in range(args.slow_runs)]
+        kind = "torch.utils.benchmark.Timer.timeit(1)"
+    else:
+        m = t.blocked_autorange(min_run_time=args.min_time)
+        times = m.times
+        kind = "torch.utils.benchmark.Timer.blocked_autorange"
+    ms = [x * 1e3 for x in times]
+    return Timing(_quantile(ms, 0.5), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms), kind)
+
+
+def _time_cuda_events(fn, args) -> Timing:
+    """Fallback without Triton: CUDA events, a 256 MiB write before each run flushes L2."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    fn()
+    ms = []
+    for _ in range(max(5, args.cuda_runs)):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ms.append(a.elapsed_time(b))
+    return Timing(_quantile(ms, 0.5), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms), "cuda events")
+
+
+# ---- environment -------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "device"
+
+
+def git_commit() -> str:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+# ---- run ---------------------------------------------------------------------------------
+def parse_shape(s: str) -> tuple:
+    try:
+        dims = tuple(int(d) for d in s.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) < 2 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"--shapes: {s!r} is not a shape like 4096x4096 or 512x512x3x3")
+    return dims
+
+
+def _csv_list(choices=None):
+    def parse(s):
+        items = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [x for x in items if choices is not None and x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{bad or s!r}: choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="td-kernels bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", type=_csv_list(), default=None, help=f"comma list (default: {','.join(SHAPES)})")
+    p.add_argument("--dtypes", type=_csv_list(DTYPES), default=["float32", "bfloat16"])
+    p.add_argument("--providers", type=_csv_list(), default=None,
+                   help="comma list (default: every backend available here, then " + ",".join(YARDSTICKS) +
+                        "); clone is always measured, the copy floor")
+    p.add_argument("--ops", type=_csv_list(OPS), default=list(OPS))
+    p.add_argument("--modes", type=_csv_list(MODES), default=list(MODES))
+    p.add_argument("--quick", action="store_true",
+                   help=f"small CPU-friendly subset: shapes {','.join(QUICK_SHAPES)}, float32 (unless given)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--drop-rate", type=float, default=0.5)
+    p.add_argument("--targ-rate", type=float, default=0.5)
+    p.add_argument("--skip-reference", action="store_true", help="do not time the (slow) reference")
+    p.add_argument("--reference-max-numel", type=float, default=None,
+                   help="skip the reference above this many elements (default: 64M on CPU, none on CUDA)")
+    p.add_argument("--no-memory", action="store_true", help="skip the saved-bytes and peak-memory measurements")
+    p.add_argument("--min-time", type=float, default=0.5, help="CPU: blocked_autorange min_run_time, s")
+    p.add_argument("--slow-call-s", type=float, default=0.1, help="CPU: calls slower than this get --slow-runs single calls")
+    p.add_argument("--slow-runs", type=int, default=3)
+    p.add_argument("--warmup-ms", type=int, default=25, help="CUDA: do_bench warmup")
+    p.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench rep")
+    p.add_argument("--cuda-runs", type=int, default=20, help="CUDA without Triton: timed runs")
+    p.add_argument("--out", type=Path, default=None, help="directory for bench.csv and bench_<op>.png")
+    p.add_argument("--csv", type=Path, default=None, help="CSV path (default: OUT/bench.csv)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--compare", type=Path, default=None, help="an older CSV: flag rows slower on the same key")
+    p.add_argument("--regression-threshold", type=float, default=0.10, help="relative slow-down that counts")
+    p.add_argument("--fail-on-regression", action="store_true", help="exit 1 if --compare found a regression")
+    return p
+
+
+def _fmt(x, spec):
+    return "" if x is None or x == "" else format(x, spec)
+
+
+def run(args) -> list:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = args.shapes or (list(QUICK_SHAPES) if args.quick else list(SHAPES))
+    shapes = [parse_shape(s) for s in shapes]
+    available = provider_names(device)
+    wanted = args.providers or available
+    missing = [p for p in wanted if p not in available]
+    for p in missing:
+        print(f"# provider {p!r} not available on {device.type}; available: {', '.join(available)}", file=sys.stderr)
+    providers = [p for p in available if p in wanted or p == "clone"]
+    if args.skip_reference and "reference" in providers:
+        providers.remove("reference")
+    providers.sort(key=lambda p: p != "clone")  # copy first: the rows after it need its bandwidth
+    ref_max = args.reference_max_numel if args.reference_max_numel is not None else (
+        64 * 2**20 if device.type == "cpu" else math.inf)
+
+    common = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device_type": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": _version("triton"), "git_commit": git_commit(),
+        "drop_rate": args.drop_rate, "targ_rate": args.targ_rate,
+    }
+    print(f"# {common['device_name']} ({device}), torch {common['torch']}, triton {common['triton'] or '-'}, "
+          f"commit {common['git_commit']}, {common['threads']} threads, drop_rate {args.drop_rate}, "
+          f"targ_rate {args.targ_rate}")
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for shape in shapes:
+        U, N = shape[0], math.prod(shape)
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            w = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+            g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+            for op in args.ops:
+                for p in providers:
+                    if p == "reference" and N > ref_max:
+                        print(f"# skip reference at {'x'.join(map(str, shape))}: {N} > --reference-max-numel "
+                              f"{ref_max:.0f}", file=sys.stderr)
+                        continue
+                    mem = {}
+                    if not args.no_memory:
+                        mem["saved"] = saved_bytes(make_fn(p, op, args.drop_rate, args.targ_rate), w) / N
+                        mem["peak"] = peak_bytes(make_bench_fn(p, op, "fwd+bwd", w, g, args.drop_rate,
+                                                               args.targ_rate), device)
+                    for mode in args.modes:
+                        fn = make_bench_fn(p, op, mode, w, g, args.drop_rate, args.targ_rate)
+                        t = time_fn(fn, device, args)
+                        del fn
+                        nbytes = copy_bytes(mode, N, w.element_size()) if p == "clone" else \
+                            op_bytes(op, mode, U, N // U, w.element_size())
+                        peak = mem.get("peak") if mode == "fwd+bwd" else None
+                        rows.append(dict(common, op=op, mode=mode, shape="x".join(map(str, shape)), dtype=dname,
+                                         provider=p, ms=t.ms, ms_p20=t.p20, ms_p80=t.p80, runs=t.runs, timer=t.timer,
+                                         bytes=nbytes, gbps=nbytes / t.ms / 1e6,
+                                         saved_bytes_per_elem=mem.get("saved"),
+                                         peak_mb=None if peak is None else peak / 2**20))
+                        print(f"# {op:6s} {mode:7s} {rows[-1]['shape']:>12s} {dname:8s} {p:15s} {t.ms:10.3f} ms",
+                              file=sys.stderr, flush=True)
+                    gc.collect()
+            del w, g
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    _derive(rows)
+    return rows
+
+
+def _derive(rows) -> None:
+    """Fill frac_copy and the speedups from the rows of the same group (same run)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), {})[r["provider"]] = r
+    for group in groups.values():
+        copy, ref, drop = group.get("clone"), group.get("reference"), group.get("dropout")
+        for r in group.values():
+            r["copy_gbps"] = copy["gbps"] if copy else None
+            r["frac_copy"] = r["gbps"] / copy["gbps"] if copy else None
+            r["speedup_vs_reference"] = ref["ms"] / r["ms"] if ref else None
+            r["speedup_vs_dropout"] = drop["ms"] / r["ms"] if drop else None
+
+
+def format_table(rows) -> str:
+    head = ("op", "mode", "shape", "dtype", "provider", "ms", "p20-p80 ms", "GB/s", "%copy", "x ref", "x dropout",
+            "saved B/el", "peak MB")
+    lines = []
+    for r in rows:
+        lines.append((r["op"], r["mode"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".3f"),
+                      f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}", _fmt(r["gbps"], ".1f"),
+                      _fmt(None if r.get("frac_copy") is None else 100 * r["frac_copy"], ".0f"),
+                      _fmt(r.get("speedup_vs_reference"), ".1f"), _fmt(r.get("speedup_vs_dropout"), ".2f"),
+                      _fmt(r.get("saved_bytes_per_elem"), ".4f"), _fmt(r.get("peak_mb"), ".1f")))
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) if i < 5 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    out.append("  ".join("-" * w for w in widths))
+    for l in lines:
+        out.append("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
+    return "\n".join(out)
+
+
+def write_csv(rows, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=COLUMNS)
+        wr.writeheader()
+        for r in rows:
+            wr.writerow({c: "" if r.get(c) is None else r.get(c) for c in COLUMNS})
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _key(r) -> tuple:
+    # threads matter only for CPU timings
+    return tuple("" if (c == "threads" and r.get("device_type") != "cpu") else str(r.get(c, ""))
+                 for c in KEY_COLUMNS)
+
+
+def compare_rows(old_rows, new_rows, threshold: float = 0.10):
+    """(regressions, matched): rows whose ms grew by more than ``threshold`` on the same key
+    (device, threads on CPU, op, mode, shape, dtype, provider, rates)."""
+    old = {_key(r): float(r["ms"]) for r in old_rows if str(r.get("ms", "")) != ""}
+    regressions, matched = [], 0
+    for r in new_rows:
+        k = _key(r)
+        if k not in old or str(r.get("ms", "")) == "":
+            continue
+        matched += 1
+        ratio = float(r["ms"]) / old[k]
+        if ratio > 1 + threshold:
+            regressions.append((r, old[k], ratio))
+    return regressions, matched
+
+
+def plot(rows, out_dir: Path) -> list:
+    """One PNG per op: GB/s per provider per shape (log scale), the copy floor as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        sub = [r for r in rows if r["op"] == op]
+        modes = list(dict.fromkeys(r["mode"] for r in sub))
+        dtypes = list(dict.fromkeys(r["dtype"] for r in sub))
+        shapes = list(dict.fromkeys(r["shape"] for r in sub))
+        provs = [p for p in dict.fromkeys(r["provider"] for r in sub) if p != "clone"]
+        fig, axes = plt.subplots(len(modes), len(dtypes), squeeze=False,
+                                 figsize=(max(6, 1.6 * len(shapes) * len(dtypes) + 2), 3.2 * len(modes)))
+        width = 0.8 / max(1, len(provs))
+        for i, mode in enumerate(modes):
+            for j, dt in enumerate(dtypes):
+                ax = axes[i][j]
+                cell = {(r["shape"], r["provider"]): r for r in sub if r["mode"] == mode and r["dtype"] == dt}
+                for n, p in enumerate(provs):
+                    xs = [s + n * width - 0.4 + width / 2 for s, sh in enumerate(shapes) if (sh, p) in cell]
+                    ys = [cell[(sh, p)]["gbps"] for sh in shapes if (sh, p) in cell]
+                    ax.bar(xs, ys, width, label=p, color=f"C{n}")
+                for s, sh in enumerate(shapes):
+                    if (sh, "clone") in cell:
+                        ax.hlines(cell[(sh, "clone")]["gbps"], s - 0.45, s + 0.45, colors="k", linestyles="--",
+                                  label="copy (clone)" if s == 0 else None)
+                ax.set_xticks(range(len(shapes)), shapes, rotation=20, fontsize=8)
+                ax.set_yscale("log")
+                ax.set_ylabel("GB/s (op bytes / time)")
+                ax.set_title(f"{op} targeting, {mode}, {dt}", fontsize=9)
+        axes[0][0].legend(fontsize=7)
+        r0 = sub[0]
+        fig.suptitle(f"{r0['device_name']} ({r0['device_type']}, {r0['threads']} threads), torch {r0['torch']}, "
+                     f"commit {r0['git_commit']}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"bench_{op}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick and args.dtypes == ["float32", "bfloat16"] and argv is not None and "--dtypes" not in argv:
+        args.dtypes = ["float32"]
+    elif args.quick and argv is None and "--dtypes" not in sys.argv:
+        args.dtypes = ["float32"]
+    rows = run(args)
+    print(format_table(rows))
+    print("# GB/s = bytes the op must move (td_kernels.benchmark.op_bytes) / median time; %copy = that / the "
+          "clone's GB/s in this run; saved B/el = bytes kept for backward per element (weight excluded); "
+          "peak MB = peak allocation of one fwd+bwd above its inputs"
+          + (" (CPU: torch profiler allocator events)" if args.device.startswith("cpu") else ""))
+    csv_path = args.csv or (args.out / "bench.csv" if args.out else None)
+    if csv_path:
+        write_csv(rows, csv_path)
+        print(f"# wrote {csv_path}")
+    if args.out and not args.no_plot and rows:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for path in plot(rows, args.out):
+            print(f"# wrote {path}")
+    if args.compare:
+        regressions, matched = compare_rows(read_csv(args.compare), rows, args.regression_threshold)
+        print(f"# compared with {args.compare}: {matched} matching rows, {len(regressions)} regressions "
+              f"(> {100 * args.regression_threshold:.0f}% slower)")
+        for r, old_ms, ratio in regressions:
+            print(f"REGRESSION {r['op']} {r['mode']} {r['shape']} {r['dtype']} {r['provider']}: "
+                  f"{old_ms:.3f} -> {r['ms']:.3f} ms ({100 * (ratio - 1):+.0f}%)")
+        if regressions and args.fail_on_regression:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

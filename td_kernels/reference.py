@@ -1,0 +1,151 @@
+"""The pure-PyTorch reference: SPEC.md written out in tensor code.
+
+Clarity beats speed here: every kernel in the library is tested bit for bit against these
+functions. They run on any device torch supports and handle a 4096x4096 float32 weight in
+about a second on a 2-core CPU (Philox on int64 tensors is the cost).
+Section numbers refer to ../shared/SPEC.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "philox4x32_10", "philox_words", "rank_keys", "count", "drop_threshold",
+    "weight_limits", "weight_keep", "weight_dropout", "weight_dropout_backward",
+    "unit_norms", "unit_keep", "unit_dropout", "unit_dropout_backward",
+]
+
+MASK32 = 0xFFFFFFFF
+KEY_MAX = 0x7FFFFFFF  # |x| has its sign bit clear, so no key exceeds this (NaN with full payload)
+# Philox4x32 constants (Salmon et al., SC'11; Random123)
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+# ---- section 5: the random stream --------------------------------------------------------
+def _mulhilo32(a: torch.Tensor, m: int):
+    """(hi, lo) 32-bit halves of a * m for uint32 values a (held in int64) and constant m.
+
+    Split m into 16-bit halves so that no int64 product overflows (a * m can reach 2**64)."""
+    m_hi, m_lo = m >> 16, m & 0xFFFF
+    p_lo = a * m_lo                       # < 2**48
+    p_hi = a * m_hi                       # < 2**48, weighs 2**16
+    t = p_lo + ((p_hi & 0xFFFF) << 16)    # < 2**49
+    return (p_hi >> 16) + (t >> 32), t & MASK32
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 values held in int64 tensors; returns the four output words."""
+    k0 = torch.as_tensor(k0, dtype=torch.int64)
+    k1 = torch.as_tensor(k1, dtype=torch.int64)
+    for r in range(10):
+        if r > 0:  # bump the key between rounds
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox_words(seed: int, n: int, device=None) -> torch.Tensor:
+    """``word(p)`` for p in [0, n): uint32 values in an int64 tensor."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    q = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(q)
+    lanes = philox4x32_10(q & MASK32, q >> 32, zero, zero, seed & MASK32, seed >> 32)
+    return torch.stack(lanes, dim=1).reshape(-1)[:n]  # word(p) = lane p % 4 of counter p // 4
+
+
+# ---- sections 2, 3, 6: keys, counts, drop threshold --------------------------------------
+def rank_keys(x: torch.Tensor) -> torch.Tensor:
+    """``key(x)``: the bit pattern of |float32(x)| as an int64 in [0, 2**31)."""
+    bits = x.to(torch.float32).view(torch.int32).to(torch.int64)
+    return bits & KEY_MAX  # clearing the sign bit is |x| for every float, NaN included
+
+
+def count(rate: float, n: int) -> int:
+    """``count(r, n) = min(n, floor(r*n + 1e-6))`` with r*n in float64."""
+    return min(n, math.floor(float(rate) * n + 1e-6))
+
+
+def drop_threshold(drop_rate: float) -> int:
+    """``D = floor(drop_rate * 2**32)``: a candidate at position p drops iff word(p) < D."""
+    return math.floor(float(drop_rate) * 2**32)
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The value at 0-based position k of each row in ascending order."""
+    return torch.kthvalue(values, k + 1, dim=1).values
+
+
+# ---- section 4: weight targeting ---------------------------------------------------------
+def weight_limits(w2d: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-unit int32 ``limit``: (u, j) is a candidate iff key(w[u, j]) <= limit[u]."""
+    U, F = w2d.shape
+    if k == 0:
+        return torch.full((U,), -1, dtype=torch.int32, device=w2d.device)
+    if k == F:
+        return torch.full((U,), KEY_MAX, dtype=torch.int32, device=w2d.device)
+    t = _kth_smallest(rank_keys(w2d), k)  # strict: key < t  <=>  key <= t - 1
+    return (t - 1).to(torch.int32)
+
+
+def weight_keep(w2d, limit, seed: int, drop_threshold: int) -> torch.Tensor:
+    """Bool mask of the kept elements: not (candidate and word(u*F + j) < D)."""
+    U, F = w2d.shape
+    candidate = rank_keys(w2d) <= limit.to(torch.int64)[:, None]
+    dropped = philox_words(seed, U * F, w2d.device).view(U, F) < drop_threshold
+    return ~(candidate & dropped)
+
+
+def _zero_where_dropped(x, keep):
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def weight_dropout(w2d, seed: int, k: int, drop_threshold: int):
+    limit = weight_limits(w2d, k)
+    return _zero_where_dropped(w2d, weight_keep(w2d, limit, seed, drop_threshold)), limit
+
+
+def weight_dropout_backward(grad2d, w2d, limit, seed: int, drop_threshold: int):
+    return _zero_where_dropped(grad2d, weight_keep(w2d, limit, seed, drop_threshold))
+
+
+# ---- section 4: unit targeting -----------------------------------------------------------
+def unit_norms(w2d: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each row, accumulated in float32 (float64 for float64 weights)."""
+    acc = torch.float64 if w2d.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(w2d.to(acc), dim=1)
+
+
+def _norm_keys(norms: torch.Tensor) -> torch.Tensor:
+    """Order-preserving integer keys of non-negative norms, NaN above +inf."""
+    if norms.dtype == torch.float64:
+        return norms.view(torch.int64) & 0x7FFFFFFFFFFFFFFF
+    return rank_keys(norms)
+
+
+def unit_keep(w2d, seed: int, k: int, drop_threshold: int) -> torch.Tensor:
+    U = w2d.shape[0]
+    keys = _norm_keys(unit_norms(w2d))
+    if k == 0:
+        candidate = torch.zeros(U, dtype=torch.bool, device=w2d.device)
+    elif k == U:
+        candidate = torch.ones(U, dtype=torch.bool, device=w2d.device)
+    else:
+        candidate = keys < _kth_smallest(keys[None, :], k)
+    dropped = philox_words(seed, U, w2d.device) < drop_threshold  # one coin per unit, p = u
+    return ~(candidate & dropped)
+
+
+def unit_dropout(w2d, seed: int, k: int, drop_threshold: int):
+    keep = unit_keep(w2d, seed, k, drop_threshold)
+    return _zero_where_dropped(w2d, keep[:, None]), keep
+
+
+def unit_dropout_backward(grad2d, keep):
+    return _zero_where_dropped(grad2d, keep[:, None])

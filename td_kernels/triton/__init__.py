@@ -1,0 +1,36 @@
+"""The Triton backend (``backend="triton"``): fused Triton kernels for CUDA tensors, and for
+CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before td_kernels is
+imported; slow, meant for tests).  Raises ImportError when Triton is not installed; the
+package's __init__ records that as the reason the backend is unavailable.
+"""
+from __future__ import annotations
+
+import triton  # noqa: F401  (ImportError here means "no Triton backend")
+import torch
+
+from .._registry import Backend, register
+from ._common import INTERPRETED
+from .unit_dropout import unit_dropout, unit_dropout_backward
+from .weight_dropout import weight_dropout, weight_dropout_backward
+
+__all__ = ["weight_dropout", "weight_dropout_backward", "unit_dropout", "unit_dropout_backward"]
+
+
+def _gate(device_type: str):
+    if device_type == "cpu" and not INTERPRETED:
+        return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+                "before importing td_kernels")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "torch.cuda is not available"
+    return None
+
+
+register(Backend(
+    name="triton",
+    priority={"cuda": 20, "cpu": 0},
+    weight_dropout=weight_dropout,
+    weight_dropout_backward=weight_dropout_backward,
+    unit_dropout=unit_dropout,
+    unit_dropout_backward=unit_dropout_backward,
+    gate=_gate,
+))
