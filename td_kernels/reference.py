@@ -61,9 +61,25 @@ def philox_words(seed: int, n: int, device=None) -> torch.Tensor:
 
 
 # ---- sections 2, 3, 6: keys, counts, drop threshold --------------------------------------
+def _float16_abs_bits_as_float32(x: torch.Tensor) -> torch.Tensor:
+    """Exact float16 -> float32 widening of |x| in integer ops.
+
+    torch's own CPU conversion is not one function: its vector loop quiets a NaN and keeps the
+    payload, its scalar tail loop returns 0x7FFFFFFF, so a NaN's key would depend on where it sits.
+    We fix the rule as x86 F16C and the Triton kernels do it: NaN quieted, payload kept."""
+    h = x.view(torch.int16).to(torch.int64) & 0x7FFF
+    exp, mant = h >> 10, h & 0x3FF
+    normal = ((exp + 112) << 23) | (mant << 13)
+    subnormal = (mant.to(torch.float32) * 2.0**-24).view(torch.int32).to(torch.int64)  # exact
+    inf_nan = 0x7F800000 | (mant << 13) | torch.where(mant != 0, 0x00400000, 0)
+    return torch.where(exp == 0, subnormal, torch.where(exp == 31, inf_nan, normal))
+
+
 def rank_keys(x: torch.Tensor) -> torch.Tensor:
     """``key(x)``: the bit pattern of |float32(x)| as an int64 in [0, 2**31)."""
-    bits = x.to(torch.float32).view(torch.int32).to(torch.int64)
+    if x.dtype == torch.float16:
+        return _float16_abs_bits_as_float32(x)
+    bits = x.to(torch.float32).view(torch.int32).to(torch.int64)  # bfloat16: an exact 16-bit shift
     return bits & KEY_MAX  # clearing the sign bit is |x| for every float, NaN included
 
 

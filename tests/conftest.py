@@ -12,3 +12,11 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True)
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test draws its random weights from a fixed stream: a failure reproduces."""
+    torch.manual_seed(0)

@@ -21,8 +21,19 @@ def word(seed, p):
 
 
 def keys(row):
-    """|float32(x)| bit patterns as Python ints."""
-    return [int(b) for b in np.abs(np.asarray(row, dtype=np.float32)).view(np.uint32)]
+    """|float32(x)| bit patterns as Python ints. A float16 NaN widens quieted with its payload
+    (SPEC decision in README): numpy keeps the payload but not the quiet bit, so set it here."""
+    row = np.asarray(row)
+    k = np.abs(row.astype(np.float32)).view(np.uint32)
+    if row.dtype == np.float16:
+        k = np.where(np.isnan(row), k | 0x00400000, k)
+    return [int(b) for b in k]
+
+
+def to_numpy(w):
+    """A weight as numpy without torch's position-dependent float16 NaN widening."""
+    import torch
+    return w.view(torch.int16).numpy().view(np.float16) if w.dtype == torch.float16 else w.float().numpy()
 
 
 def count(rate, n):
@@ -31,7 +42,7 @@ def count(rate, n):
 
 def weight_keep(w2d, seed, drop_rate, targ_rate):
     """Bool numpy [U, F] keep mask by sorting each row's keys."""
-    w2d = np.asarray(w2d, dtype=np.float32)
+    w2d = np.asarray(w2d)
     U, F = w2d.shape
     k, D = count(targ_rate, F), int(np.floor(drop_rate * 2**32))
     keep = np.ones((U, F), dtype=bool)
@@ -88,4 +99,12 @@ def make_weight(shape, dtype, style, seed):
         x = rng.standard_normal(n)
         special = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, 65504.0], size=n)
         x = np.where(rng.random(n) < 0.3, special, x)
-    return torch.from_numpy(x.reshape(shape)).to(dtype)
+    w = torch.from_numpy(x.reshape(shape)).to(dtype)
+    if style == "special" and dtype in (torch.float16, torch.bfloat16):
+        # NaNs with payloads, signalling ones too: their keys must not depend on the conversion path
+        exp_bits = 0x7C00 if dtype == torch.float16 else 0x7F80
+        payload = rng.integers(1, 0x400 if dtype == torch.float16 else 0x80, size=n)
+        sign = rng.choice([0, -0x8000], size=n)
+        nan_bits = torch.from_numpy((sign + exp_bits + payload).astype(np.int16).reshape(shape))
+        w = torch.where(torch.from_numpy(rng.random(shape) < 0.15), nan_bits.view(dtype), w)
+    return w

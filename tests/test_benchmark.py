@@ -1,0 +1,124 @@
+"""Fast tests of the benchmark harness (td_kernels/benchmark.py): the bytes model, the
+saved-for-backward accounting, the CSV schema, --compare, and one tiny run of the CLI path."""
+import csv
+
+import pytest
+import torch
+
+import td_kernels as td
+from td_kernels import benchmark as tb
+
+
+def test_op_bytes_model():
+    U, F, N = 4, 8, 32
+    assert tb.op_bytes("weight", "fwd", U, F, 4) == 2 * N * 4 + 4 * U    # read W, write out, write limit
+    assert tb.op_bytes("weight", "bwd", U, F, 4) == 3 * N * 4 + 4 * U    # read grad, W, limit; write grad_w
+    assert tb.op_bytes("unit", "fwd", U, F, 2) == 2 * N * 2 + U          # read W, write out, write keep
+    assert tb.op_bytes("unit", "bwd", U, F, 2) == 2 * N * 2 + U          # read grad, keep; write grad_w
+    for op in tb.OPS:
+        assert tb.op_bytes(op, "fwd+bwd", U, F, 4) == tb.op_bytes(op, "fwd", U, F, 4) + tb.op_bytes(op, "bwd", U, F, 4)
+    assert tb.copy_bytes("fwd", N, 4) == 2 * N * 4 and tb.copy_bytes("fwd+bwd", N, 4) == 4 * N * 4
+    with pytest.raises(ValueError, match="op"):
+        tb.op_bytes("row", "fwd", U, F, 4)
+
+
+def test_providers_exclude_triton_interpreter_on_cpu():
+    names = tb.provider_names("cpu")
+    assert "triton" not in names and names[0] == "reference"
+    assert names[-3:] == ["torch-kthvalue", "dropout", "clone"]
+
+
+@pytest.mark.parametrize("op", tb.OPS)
+def test_backends_keep_at_most_a_bit_per_element(op):
+    w = torch.randn(64, 96, requires_grad=True)
+    N = w.numel()
+    for backend in td.available_backends("cpu"):  # the Triton interpreter too: memory, not speed
+        saved = tb.saved_bytes(tb.make_fn(backend, op, 0.5, 0.5), w)
+        assert 0 < saved <= N / 8, (backend, saved)
+    # the yardsticks: a per-element mask must show up, a copy keeps nothing
+    if op == "weight":
+        assert tb.saved_bytes(tb.make_fn("torch-kthvalue", op, 0.5, 0.5), w) == N  # bool mask
+    assert tb.saved_bytes(tb.make_fn("dropout", op, 0.5, 0.5), w) >= N
+    assert tb.saved_bytes(tb.make_fn("clone", op, 0.5, 0.5), w) == 0
+
+
+def test_saved_bytes_sees_ctx_attributes_and_skips_the_weight():
+    class Stash(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            ctx.mask = torch.ones(w.shape, dtype=torch.uint8)  # kept outside save_for_backward
+            ctx.save_for_backward(w)                           # the parameter itself: free
+            return w * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    w = torch.randn(8, 16, requires_grad=True)
+    assert tb.saved_bytes(Stash.apply, w) == 8 * 16
+
+
+def test_peak_bytes_cpu_counts_live_allocations():
+    w = torch.randn(256, 256, requires_grad=True)
+    g = torch.randn(256, 256)
+    fn = tb.make_bench_fn("clone", "weight", "fwd+bwd", w, g, 0.5, 0.5)  # two clones alive at once
+    peak = tb.peak_bytes(fn, torch.device("cpu"))
+    assert 2 * w.numel() * 4 <= peak < 3 * w.numel() * 4
+
+
+def _row(ms, **kw):
+    r = dict(device_type="cpu", device_name="cpuA", threads=2, op="weight", mode="fwd", shape="8x8",
+             dtype="float32", provider="native", drop_rate=0.5, targ_rate=0.5, ms=ms)
+    r.update(kw)
+    return r
+
+
+def test_compare_flags_slowdowns_on_the_same_key_only():
+    old = [_row(1.0), _row(1.0, mode="bwd"), _row(1.0, provider="triton"), _row(1.0, device_name="cpuB")]
+    new = [_row(1.05), _row(1.2, mode="bwd"), _row(0.5, provider="triton"), _row(9.0, device_name="cpuC"),
+           _row(9.0, threads=1)]  # another device, another thread count: not comparable
+    regressions, matched = tb.compare_rows(old, new, threshold=0.10)
+    assert matched == 3
+    assert [(r["mode"], r["provider"]) for r, _, _ in regressions] == [("bwd", "native")]
+    assert regressions[0][2] == pytest.approx(1.2)
+    # on CUDA the host thread count is not part of the key
+    gpu = dict(device_type="cuda", device_name="H100")
+    assert tb.compare_rows([_row(1.0, **gpu)], [_row(2.0, threads=16, **gpu)])[1] == 1
+
+
+def test_cli_tiny_run_table_csv_plot_and_compare(tmp_path, capsys):
+    args = ["--device", "cpu", "--shapes", "16x32", "--dtypes", "float32", "--min-time", "0.01",
+            "--modes", "fwd,bwd", "--out", str(tmp_path)]
+    assert tb.main(args) == 0
+    out = capsys.readouterr().out
+    providers = tb.provider_names("cpu")
+    for p in providers:
+        assert f" {p} " in out
+    assert "GB/s" in out and "saved B/el" in out
+    with open(tmp_path / "bench.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == tb.COLUMNS
+        rows = list(reader)
+    assert len(rows) == len(providers) * len(tb.OPS) * 2
+    assert {r["device_name"] for r in rows} == {tb.device_name(torch.device("cpu"))}
+    for r in rows:
+        assert float(r["gbps"]) == pytest.approx(int(r["bytes"]) / float(r["ms"]) / 1e6)
+        assert float(r["ms_p20"]) <= float(r["ms"]) <= float(r["ms_p80"])
+        if r["provider"] == "clone":
+            assert float(r["frac_copy"]) == pytest.approx(1.0)
+        if r["provider"] == "reference":
+            assert float(r["speedup_vs_reference"]) == pytest.approx(1.0)
+    for op in tb.OPS:
+        assert (tmp_path / f"bench_{op}.png").stat().st_size > 0
+
+    # an "old" run 100x faster: every matching row regresses
+    for r in rows:
+        r["ms"] = float(r["ms"]) / 100
+    old = tmp_path / "old.csv"
+    tb.write_csv(rows, old)
+    fast = ["--device", "cpu", "--shapes", "16x32", "--dtypes", "float32", "--min-time", "0.01", "--modes", "fwd",
+            "--ops", "weight", "--providers", "dropout", "--no-memory", "--compare", str(old)]
+    assert tb.main(fast) == 0
+    assert tb.main(fast + ["--fail-on-regression"]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION weight fwd 16x32 float32 dropout" in out and "2 regressions" in out  # dropout and clone

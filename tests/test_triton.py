@@ -1,0 +1,356 @@
+"""The Triton backend against the reference, bit for bit (SPEC.md).
+
+Without CUDA these run Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1 before td_kernels imports); with CUDA they run the compiled kernels on the
+GPU.  The interpreter is slow (one 60 ms Python program per row), so shapes stay small; the
+streamed (multi-pass) path of the weight forward is reached on small rows by lowering the
+module's knobs.  Not checkable on CPU: that a new seed reuses the compiled kernel (the
+interpreter compiles nothing) -- test_new_seed_does_not_recompile runs on CUDA only.
+"""
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
+
+import td_kernels  # noqa: E402,F401  (registers the backends)
+from td_kernels import _registry, reference as R  # noqa: E402
+
+tb = importlib.import_module("td_kernels.triton")
+common = importlib.import_module("td_kernels.triton._common")
+wd = importlib.import_module("td_kernels.triton.weight_dropout")
+ud = importlib.import_module("td_kernels.triton.unit_dropout")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not CUDA and not common.INTERPRETED,
+                                reason="no CUDA and TRITON_INTERPRET=1 was not set before import")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+D_HALF = 2**31  # drop_rate 0.5
+D_ALL = 2**32   # drop_rate 1: every candidate drops
+
+
+def assert_bits(a, b):
+    """Same shape, dtype and bits (so +0.0 / -0.0 and NaN payloads count)."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if a.dtype in BITS:
+        a, b = a.view(BITS[a.dtype]), b.view(BITS[b.dtype])
+    assert torch.equal(a, b), (a, b)
+
+
+def reference_weight(w, seed, k, D):
+    """(out, limit, keep) of the reference.  float16 is widened by numpy first: torch's CPU
+    float16 -> float32 gives 0x7FFFFFFF for every NaN in its scalar tail loop but a quiet NaN
+    with the payload kept in its vector loop, so R.rank_keys of a float16 NaN depends on the
+    NaN's position in the tensor (torch 2.13 CPU).  numpy widens like the vector loop."""
+    wf = w if w.dtype != torch.float16 else torch.from_numpy(w.cpu().numpy().astype(np.float32)).to(w.device)
+    limit = R.weight_limits(wf, k)
+    keep = R.weight_keep(wf, limit, seed, D)
+    return R._zero_where_dropped(w, keep), limit, keep
+
+
+def check_weight(w, seed, k, D):
+    out, limit = wd.weight_dropout(w, seed, k, D)
+    ref_out, ref_limit, keep = reference_weight(w, seed, k, D)
+    assert_bits(out, ref_out)
+    assert limit.dtype == torch.int32 and torch.equal(limit, ref_limit)
+    if w.dtype != torch.float16:  # the reference itself, unwrapped
+        assert_bits(out, R.weight_dropout(w, seed, k, D)[0])
+    grad = torch.randn(w.shape, device=w.device).to(w.dtype)
+    assert_bits(wd.weight_dropout_backward(grad, w, limit, seed, D),
+                R._zero_where_dropped(grad, keep))
+    return out
+
+
+def check_unit(w, seed, k, D):
+    out, keep = ud.unit_dropout(w, seed, k, D)
+    ref_out, ref_keep = R.unit_dropout(w, seed, k, D)
+    assert keep.dtype == torch.bool and torch.equal(keep, ref_keep)
+    assert_bits(out, ref_out)
+    grad = torch.randn(w.shape, device=w.device).to(w.dtype)
+    assert_bits(ud.unit_dropout_backward(grad, keep), R.unit_dropout_backward(grad, ref_keep))
+    return keep
+
+
+def special_rows(U, F, dtype, gen):
+    """Random values salted with ties, +-0, +-inf, NaN and subnormals."""
+    w = torch.randn(U, F, generator=gen)
+    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, float("inf"), float("-inf"), float("nan"),
+                         torch.finfo(dtype).tiny / 4, -torch.finfo(dtype).tiny / 2])
+    salt = torch.rand(U, F, generator=gen) < 0.4
+    w[salt] = pool[torch.randint(len(pool), (int(salt.sum()),), generator=gen)]
+    return w.to(dtype).to(DEVICE)
+
+
+# ---- the random stream ---------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seed"])
+def _words_kernel(out_ptr, seed: tl.int64, q_start: tl.int64, BLOCK_Q: tl.constexpr):
+    q = q_start + tl.arange(0, BLOCK_Q)
+    i = tl.arange(0, BLOCK_Q)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    tl.store(out_ptr + i, common._lane_words(seed, q).to(tl.int64))
+
+
+@pytest.mark.parametrize("seed", [2026, 0, 2**32 + 5, 2**63 - 1])
+@pytest.mark.parametrize("q_start", [0, 2**32 - 2, 2**38 + 3])
+def test_philox_words_match_spec(seed, q_start):
+    out = torch.empty(8 * 4, dtype=torch.int64, device=DEVICE)
+    _words_kernel[(1,)](out, seed, q_start, BLOCK_Q=8)
+    q = torch.arange(q_start, q_start + 8, dtype=torch.int64)
+    zero = torch.zeros_like(q)
+    lanes = R.philox4x32_10(q & R.MASK32, q >> 32, zero, zero, seed & R.MASK32, seed >> 32)
+    assert torch.equal(out.cpu(), torch.stack(lanes, 1).reshape(-1))
+    if seed == 2026 and q_start == 0:  # SPEC section 5 stream check
+        assert out[:8].tolist() == [0x6E5B28E3, 0x85B7BE5B, 0xB3CEB6B8, 0x4BE9BF2C,
+                                    0xFCFFF50E, 0x594F0D6A, 0x7012BD01, 0xD17E9724]
+
+
+# ---- the rank key ------------------------------------------------------------------------
+@triton.jit
+def _keys_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, common._key(tl.load(x_ptr + i, mask=i < N)), mask=i < N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_keys_every_half_bit_pattern(dtype):
+    """All 2**16 float16/bfloat16 patterns (subnormals, signalling NaNs); float32 sampled."""
+    if dtype == torch.float32:
+        bits = torch.randint(-2**31, 2**31 - 1, (2**16,), generator=torch.Generator().manual_seed(1),
+                             dtype=torch.int32)
+        bits[:8] = torch.tensor([0, -2**31, 1, 0x7F800000, 0x7F800001, 0x7FC00000, -1, 0x00800000])
+    else:
+        bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).to(DEVICE)
+    out = torch.empty(x.numel(), dtype=torch.int32, device=DEVICE)
+    _keys_kernel[(x.numel() // 4096,)](x, out, x.numel(), BLOCK=4096)
+    assert torch.equal(out, R.rank_keys(x).to(torch.int32))
+
+
+# ---- SPEC section 10 worked example --------------------------------------------------------
+W_EXAMPLE = [[0.5, -1.25, 2.0, -0.125, 3.5, 0.75, -0.25, 1.5],
+             [-2.5, 0.375, -0.0625, 1.0, -3.0, 0.875, 2.25, -0.625],
+             [1.75, -0.5, 0.25, -1.5, 0.0, 2.75, -0.875, 0.125]]
+
+
+def test_spec_worked_example():
+    w = torch.tensor(W_EXAMPLE, device=DEVICE)
+    out, _ = wd.weight_dropout(w, 7, R.count(0.5, 8), R.drop_threshold(0.5))
+    expect = torch.tensor(W_EXAMPLE, device=DEVICE)
+    expect[0, 3] = expect[0, 6] = 0
+    expect[1, 1] = expect[1, 5] = expect[1, 7] = 0
+    assert_bits(out, expect)
+    uout, keep = ud.unit_dropout(w, 11, R.count(0.67, 3), R.drop_threshold(0.5))
+    assert keep.tolist() == [True, True, False]
+    assert_bits(uout, torch.where(keep[:, None], w, torch.zeros((), device=DEVICE)))
+
+
+# ---- weight targeting ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("U,F", [(1, 1), (4, 1), (1, 7), (3, 8), (5, 13), (2, 67)])
+def test_weight_matches_reference(dtype, U, F):
+    gen = torch.Generator().manual_seed(U * 1000 + F)
+    w = special_rows(U, F, dtype, gen)
+    for k in sorted({0, 1 % (F + 1), F // 2, max(F - 1, 0), F}):
+        for D in ((0, D_HALF + 12345, D_ALL) if k == F // 2 else (D_HALF + 12345, D_ALL)):
+            check_weight(w, 2026 + k, k, D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_ties_and_zeros(dtype):
+    w = torch.tensor([[0.0, -0.0, 0.0, 1.0, -1.0, 1.0, 2.0],
+                      [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0],
+                      [float("nan"), float("inf"), -float("inf"), float("nan"), 0.0, -1.0, 1.0]],
+                     dtype=dtype, device=DEVICE)
+    for k in range(8):
+        out = check_weight(w, 5, k, D_ALL)
+        if k < 7:
+            assert (out[1] == 3.0).all()  # all tied: t_u = 3 and key < t_u holds for none
+    # strict comparison: the three 1.0s tie at the threshold (position 4), so only the
+    # three zeros are candidates
+    out, limit = wd.weight_dropout(w, 5, 4, D_ALL)
+    assert limit[0] == 0x3F800000 - 1 and (out[0, 3:] != 0).all() and (out[0, :3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_streamed_path(dtype, monkeypatch):
+    """Rows longer than a program holds: chunked histogram passes give the same bits."""
+    gen = torch.Generator().manual_seed(3)
+    w = special_rows(3, 37, dtype, gen)
+    resident = [wd.weight_dropout(w, 99, k, D_HALF) for k in (5, 36, 37)]
+    monkeypatch.setattr(wd, "MAX_ONE_PASS_GROUPS", 2)
+    monkeypatch.setattr(wd, "CHUNK_GROUPS", 2)
+    monkeypatch.setattr(wd, "BACKWARD_GROUPS", 1)
+    for (out, limit), k in zip(resident, (5, 36, 37)):
+        streamed = check_weight(w, 99, k, D_HALF)
+        assert_bits(streamed, out)
+
+
+def test_weight_long_row():
+    """A row past MAX_ONE_PASS_GROUPS takes the streamed path with the default knobs."""
+    F = 4 * wd.MAX_ONE_PASS_GROUPS + 1001
+    w = torch.randn(2, F, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    w[1, ::3] = 0.25  # many ties
+    for k in (1, F // 3, F - 1):
+        check_weight(w, 2**40 + 17, k, D_HALF)
+
+
+@pytest.mark.skipif(not CUDA, reason="a 10**6-element row is minutes in the interpreter")
+def test_weight_million_row_cuda():
+    w = torch.randn(3, 10**6 + 3, device="cuda")
+    check_weight(w, 1, 600_000, D_HALF)
+
+
+@settings(deadline=None, max_examples=25)
+@given(U=st.integers(1, 5), F=st.integers(1, 40), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**63 - 1), targ=st.floats(0, 1), drop=st.floats(0, 1),
+       streamed=st.booleans(), data=st.data())
+def test_weight_hypothesis(U, F, dtype, seed, targ, drop, streamed, data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    w = special_rows(U, F, dtype, gen)
+    knobs = (2, 2, 1) if streamed else (wd.MAX_ONE_PASS_GROUPS, wd.CHUNK_GROUPS, wd.BACKWARD_GROUPS)
+    saved = (wd.MAX_ONE_PASS_GROUPS, wd.CHUNK_GROUPS, wd.BACKWARD_GROUPS)
+    wd.MAX_ONE_PASS_GROUPS, wd.CHUNK_GROUPS, wd.BACKWARD_GROUPS = knobs
+    try:
+        check_weight(w, seed, R.count(targ, F), R.drop_threshold(drop))
+    finally:
+        wd.MAX_ONE_PASS_GROUPS, wd.CHUNK_GROUPS, wd.BACKWARD_GROUPS = saved
+
+
+# ---- unit targeting ------------------------------------------------------------------------
+def distinct_norm_rows(U, F, dtype, gen):
+    """Rows whose float32 norms are at least 1% apart: far from the SPEC's 1e-6 near-tie case."""
+    w = torch.randn(U, F, generator=gen).double() + 0.1
+    target = (1.02 ** torch.randperm(U, generator=gen).double())[:, None]
+    w = (w * target / w.norm(dim=1, keepdim=True)).to(dtype).to(DEVICE)
+    n = torch.sort(R.unit_norms(w)).values
+    assert U < 2 or (n[1:] / n[:-1]).min() > 1.01
+    return w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("U,F", [(1, 1), (1, 9), (6, 1), (7, 13), (12, 40)])
+def test_unit_matches_reference(dtype, U, F):
+    w = distinct_norm_rows(U, F, dtype, torch.Generator().manual_seed(U * 100 + F))
+    for k in sorted({0, U // 2, max(U - 1, 0), U}):
+        for D in (0, D_HALF, D_ALL):
+            check_unit(w, 11 + k, k, D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unit_special_norms(dtype):
+    """Exact ties (equal rows), zero rows, inf and NaN norms: computed identically everywhere."""
+    w = distinct_norm_rows(8, 5, dtype, torch.Generator().manual_seed(8))
+    w[1] = w[2]          # exact tie
+    w[3] = 0.0           # zero norm
+    w[4] = -0.0
+    w[5, 0] = float("inf")
+    w[6, 1] = float("nan")
+    w[7, 2] = -float("inf")
+    for k in range(9):
+        keep = check_unit(w, 3, k, D_ALL)
+        if 0 < k < 8:  # NaN ranks above +inf: row 6 is never a candidate unless k == U
+            assert keep[6]
+
+
+def test_unit_many_units():
+    """Several programs of the keep kernel (U > 4 * KEEP_GROUPS)."""
+    U = 4 * ud.KEEP_GROUPS + 7
+    w = distinct_norm_rows(U, 2, torch.float32, torch.Generator().manual_seed(5))
+    check_unit(w, 2**62 + 1, U // 3, D_HALF)
+
+
+@settings(deadline=None, max_examples=25)
+@given(U=st.integers(1, 12), F=st.integers(1, 30), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**63 - 1), targ=st.floats(0, 1), drop=st.floats(0, 1),
+       data=st.data())
+def test_unit_hypothesis(U, F, dtype, seed, targ, drop, data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    w = torch.randn(U, F, generator=gen).to(dtype).to(DEVICE)
+    k = R.count(targ, U)
+    if 0 < k < U:  # SPEC section 10: skip norms within 1e-6 relative at the threshold
+        n = torch.sort(R.unit_norms(w).double()).values
+        t = n[k]
+        assume(((n - t).abs() > 1e-6 * t).sum() == U - 1)
+    check_unit(w, seed, k, R.drop_threshold(drop))
+
+
+def test_unit_norms_close_to_reference():
+    w = torch.randn(5, 1000, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    torch.testing.assert_close(ud.unit_norms(w), R.unit_norms(w), rtol=1e-6, atol=0)
+
+
+# ---- registration, gate, argument checks ---------------------------------------------------
+def test_registered_with_gate(monkeypatch):
+    b = _registry.resolve("triton", torch.device(DEVICE), torch.float32)
+    assert b.priority == {"cuda": 20, "cpu": 0}
+    assert b.weight_dropout is wd.weight_dropout and b.unit_dropout_backward is ud.unit_dropout_backward
+    assert "triton" in _registry.available_backends(DEVICE)
+    monkeypatch.setattr(tb, "INTERPRETED", False)
+    assert "TRITON_INTERPRET=1" in b.why_not("cpu")
+    if not CUDA:
+        assert "cuda" in b.why_not("cuda")
+
+
+def test_public_api_with_autograd():
+    w = torch.randn(4, 3, 5, device=DEVICE, requires_grad=True)
+    outs = {}
+    for backend in ("triton", "reference"):
+        w.grad = None
+        out = td_kernels.targeted_weight_dropout(w, 0.5, 0.4, seed=123, backend=backend)
+        out.backward(torch.arange(60.0, device=DEVICE).view(4, 3, 5))
+        outs[backend] = (out.detach(), w.grad.clone())
+    assert_bits(outs["triton"][0], outs["reference"][0])
+    assert_bits(outs["triton"][1], outs["reference"][1])
+
+
+def test_bad_arguments():
+    w = torch.randn(3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="k"):
+        wd.weight_dropout(w, 1, 5, 0)
+    with pytest.raises(ValueError, match="k"):
+        ud.unit_dropout(w, 1, 4, 0)
+    with pytest.raises(ValueError, match="seed"):
+        wd.weight_dropout(w, -1, 1, 0)
+    with pytest.raises(TypeError, match="seed"):
+        ud.unit_dropout(w, 1.5, 1, 0)
+    with pytest.raises(ValueError, match="drop_threshold"):
+        wd.weight_dropout(w, 1, 1, 2**32 + 1)
+    with pytest.raises(TypeError, match="w2d"):
+        wd.weight_dropout(w.double(), 1, 1, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        wd.weight_dropout(w.t(), 1, 1, 0)
+    with pytest.raises(ValueError, match="limit"):
+        wd.weight_dropout_backward(w, w, torch.zeros(3, dtype=torch.int64, device=DEVICE), 1, 0)
+    with pytest.raises(ValueError, match="keep"):
+        ud.unit_dropout_backward(w, torch.ones(4, dtype=torch.bool, device=DEVICE))
+
+
+def test_empty():
+    for shape in [(0, 5), (3, 0)]:
+        w = torch.empty(shape, device=DEVICE)
+        out, limit = wd.weight_dropout(w, 1, 0, D_ALL)
+        assert out.shape == shape and torch.equal(limit, R.weight_limits(w, 0))
+        assert wd.weight_dropout_backward(w, w, limit, 1, D_ALL).shape == shape
+        out, keep = ud.unit_dropout(w, 1, 0, D_ALL)
+        assert out.shape == shape and torch.equal(keep, R.unit_keep(w, 1, 0, D_ALL))
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter compiles nothing: recompilation is a GPU matter")
+def test_new_seed_does_not_recompile():
+    w = torch.randn(8, 100, device="cuda")
+    wd.weight_dropout(w, 1, 30, D_HALF)
+    ud.unit_dropout(w, 1, 3, D_HALF)
+    kernels = [wd._weight_dropout_kernel, ud._unit_keep_kernel]
+    dev = torch.cuda.current_device()
+    sizes = [len(k.device_caches[dev][0]) for k in kernels]
+    for seed in (2, 16, 2**31 + 1, 2**40, 2**63 - 1):
+        for D in (1, 16, 2**31 + 3, 2**32):
+            wd.weight_dropout(w, seed, 30, D)
+            ud.unit_dropout(w, seed, 3, D)
+    assert [len(k.device_caches[dev][0]) for k in kernels] == sizes
