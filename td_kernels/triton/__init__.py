@@ -10,10 +10,9 @@ import torch
 
 from .._registry import Backend, register
 from ._common import INTERPRETED
-from .unit_dropout import unit_dropout, unit_dropout_backward
-from .weight_dropout import weight_dropout, weight_dropout_backward
-
-__all__ = ["weight_dropout", "weight_dropout_backward", "unit_dropout", "unit_dropout_backward"]
+# The launchers stay in their modules (td_kernels.triton.weight_dropout.weight_dropout, ...):
+# re-exporting them here would shadow the submodules of the same name.
+from . import unit_dropout as _unit, weight_dropout as _weight
 
 
 def _gate(device_type: str):
@@ -28,9 +27,9 @@ def _gate(device_type: str):
 register(Backend(
     name="triton",
     priority={"cuda": 20, "cpu": 0},
-    weight_dropout=weight_dropout,
-    weight_dropout_backward=weight_dropout_backward,
-    unit_dropout=unit_dropout,
-    unit_dropout_backward=unit_dropout_backward,
+    weight_dropout=_weight.weight_dropout,
+    weight_dropout_backward=_weight.weight_dropout_backward,
+    unit_dropout=_unit.unit_dropout,
+    unit_dropout_backward=_unit.unit_dropout_backward,
     gate=_gate,
 ))

@@ -20,9 +20,33 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
+def _to_f32(x):
+    """Exact widening to float32.  bfloat16 is the top half of a float32, so widen it with a
+    shift (Triton's interpreter mis-converts bfloat16 subnormals with ``.to``)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _key(x):
-    """SPEC section 2: bits of |float32(x)| (float16/bfloat16 widen exactly)."""
-    return x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    """SPEC section 2: bits of |float32(x)|, computed with integer ops so that every target
+    (and the interpreter) gives the same bits, NaN payloads included."""
+    if x.dtype == tl.float32:
+        key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    elif x.dtype == tl.bfloat16:
+        key = (x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF) << 16
+    else:  # float16: 5-bit exponent, 10-bit mantissa, bias 15 (float32: 8, 23, 127)
+        h = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+        e = h >> 10
+        # subnormal m * 2**-24 is a normal float32: the multiply is exact
+        sub = ((h & 0x3FF).to(tl.float32) * 5.9604644775390625e-08).to(tl.int32, bitcast=True)
+        # normal: rebias the exponent by 127 - 15 = 112; inf/NaN: exponent 31 -> 255, and a
+        # NaN comes out quiet (bit 22 set, payload kept) as from torch's (F16C) conversion
+        big = (h << 13) + tl.where(e == 31, 224 << 23, 112 << 23)
+        big = tl.where(h > 0x7C00, big | 0x400000, big)
+        key = tl.where(e == 0, sub, big)
+    return key
 
 
 @triton.jit

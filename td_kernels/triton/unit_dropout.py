@@ -1,3 +1,132 @@
-"""placeholder"""
-def unit_dropout(*a): raise NotImplementedError
-def unit_dropout_backward(*a): raise NotImplementedError
+"""Unit targeting in Triton (SPEC sections 4-7).
+
+Forward, three steps:
+  1. ``_row_norms_kernel``: one program per unit, float32 sum of squares over the row in
+     chunks, then ``sqrt_rn`` (IEEE square root).  Reads W once.  The summation order
+     differs from the reference's, so norms may differ in the last bits: SPEC section 10
+     allows unit results to differ only where two norms are within 1e-6 relative at the
+     threshold.
+  2. selection over the U norms with torch ops on the U-vector (U is small): keys are the
+     float32 bit patterns with the sign bit cleared (NaN above +inf, as
+     ``reference.unit_keep``), the threshold key is found by ``torch.sort`` (O(U log U),
+     on the device, no host synchronisation), then ``_unit_keep_kernel`` draws
+     ``word(u)`` (one Philox call per 4 units) and writes ``keep[u]``.
+  3. ``_rows_where_kernel``: ``out = where(keep[u], w, +0.0)``; reads only the kept rows,
+     writes every row once.
+So W is read at most twice and ``out`` written once; the backward is step 3 on grad.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (KEY_MAX, _dropped, _to_f32, check_drop_threshold, check_seed, check_w2d,
+                      device_guard)
+
+__all__ = ["unit_dropout", "unit_dropout_backward"]
+
+NORM_BLOCK = 4096      # elements per iteration of the norm kernel
+ROWS_BLOCK = 4096      # elements per iteration of the row-select kernel
+KEEP_GROUPS = 256      # 4-unit groups per program of the keep kernel
+_MAX_GRID_1 = 65535
+
+
+@triton.jit
+def _row_norms_kernel(w_ptr, norm_ptr, F, BLOCK: tl.constexpr):
+    u = tl.program_id(0).to(tl.int64)
+    start = u * F
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(0, F, BLOCK):
+        j = c + tl.arange(0, BLOCK)
+        x = _to_f32(tl.load(w_ptr + start + j, mask=j < F, other=0))
+        acc += x * x
+    tl.store(norm_ptr + u, tl.sqrt_rn(tl.sum(acc, 0)))
+
+
+@triton.jit(do_not_specialize=["seed", "D"])
+def _unit_keep_kernel(norm_ptr, limit_ptr, keep_ptr, U, seed: tl.int64, D: tl.int64,
+                      BLOCK_Q: tl.constexpr):
+    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    u = q[:, None] * 4 + tl.arange(0, 4)[None, :]       # stream position p = u
+    valid = u < U
+    keys = tl.load(norm_ptr + u, mask=valid, other=0).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    drop = (keys.to(tl.int64) <= tl.load(limit_ptr)) & _dropped(seed, q, D)
+    tl.store(keep_ptr + u, (~drop).to(tl.uint8), mask=valid)
+
+
+@triton.jit
+def _rows_where_kernel(x_ptr, keep_ptr, out_ptr, F, BLOCK: tl.constexpr):
+    u = tl.program_id(0).to(tl.int64)
+    n_read = F * tl.load(keep_ptr + u).to(tl.int64)  # keep is 0 or 1: a dropped row reads nothing
+    for c in range(tl.program_id(1) * BLOCK, F, tl.num_programs(1) * BLOCK):
+        j = c + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + u * F + j, mask=j < n_read, other=0)  # other=0 is +0.0
+        tl.store(out_ptr + u * F + j, x, mask=j < F)
+
+
+def _num_warps(elements: int) -> int:
+    return max(1, min(8, elements // 256))
+
+
+def _rows_where(x2d: torch.Tensor, keep_u8: torch.Tensor) -> torch.Tensor:
+    U, F = x2d.shape
+    out = torch.empty_like(x2d)
+    if out.numel() == 0:
+        return out
+    block = min(ROWS_BLOCK, triton.next_power_of_2(F))
+    grid = (U, min(_MAX_GRID_1, triton.cdiv(F, block)))
+    with device_guard(x2d):
+        _rows_where_kernel[grid](x2d, keep_u8, out, F, BLOCK=block, num_warps=_num_warps(block))
+    return out
+
+
+def unit_norms(w2d: torch.Tensor) -> torch.Tensor:
+    """float32 L2 norm of each row (sum of squares in float32, then sqrt)."""
+    U, F = w2d.shape
+    norms = torch.empty(U, dtype=torch.float32, device=w2d.device)
+    if U == 0:
+        return norms
+    block = min(NORM_BLOCK, triton.next_power_of_2(max(F, 1)))
+    with device_guard(w2d):
+        _row_norms_kernel[(U,)](w2d, norms, F, BLOCK=block, num_warps=_num_warps(block))
+    return norms
+
+
+def _limit(norms: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 ``[1]``: unit u is a candidate iff key(norm_u) <= limit (strict < threshold key)."""
+    U = norms.shape[0]
+    if k == 0:
+        return torch.full((1,), -1, dtype=torch.int64, device=norms.device)
+    if k == U:
+        return torch.full((1,), KEY_MAX, dtype=torch.int64, device=norms.device)
+    keys = norms.view(torch.int32).to(torch.int64) & KEY_MAX
+    return torch.sort(keys).values[k:k + 1] - 1
+
+
+def unit_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int):
+    """SPEC unit targeting on ``w2d = w.reshape(U, F)``; returns ``(out2d, keep bool[U])``."""
+    check_w2d(w2d)
+    seed, D = check_seed(seed), check_drop_threshold(drop_threshold)
+    U, F = w2d.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= U:
+        raise ValueError(f"k must be an int in [0, U={U}], got {k!r}")
+    keep = torch.empty(U, dtype=torch.uint8, device=w2d.device)
+    if U == 0:
+        return w2d.clone(), keep.view(torch.bool)
+    norms = unit_norms(w2d)
+    block_q = min(KEEP_GROUPS, triton.next_power_of_2(triton.cdiv(U, 4)))
+    with device_guard(w2d):
+        _unit_keep_kernel[(triton.cdiv(triton.cdiv(U, 4), block_q),)](
+            norms, _limit(norms, k), keep, U, seed, D, BLOCK_Q=block_q)
+    return _rows_where(w2d, keep), keep.view(torch.bool)
+
+
+def unit_dropout_backward(grad2d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``where(keep[:, None], grad, +0.0)``."""
+    check_w2d(grad2d, "grad2d")
+    U = grad2d.shape[0]
+    if keep.dtype != torch.bool or keep.shape != (U,) or keep.device != grad2d.device:
+        raise ValueError(f"keep must be bool [{U}] on {grad2d.device}, got "
+                         f"{keep.dtype} {tuple(keep.shape)} on {keep.device}")
+    return _rows_where(grad2d, keep.contiguous().view(torch.uint8))
