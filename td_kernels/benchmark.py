@@ -279,8 +279,9 @@ def time_fn(fn: Callable, device: torch.device, args) -> Timing:
     from torch.utils.benchmark import Timer
     t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     first = t.timeit(1).median  # warm-up, and tells slow ops apart
-    if first > args.slow_call_s:  # e.g. the reference on CPU: a few single calls
-        times = [t.timeit(1).median for _ in range(args.slow_runs)]
+    if first > args.slow_call_s:  # e.g. the reference on CPU: --slow-runs single calls, the
+        # first included (warm-up effects are noise next to a call this slow)
+        times = [first] + [t.timeit(1).median for _ in range(args.slow_runs - 1)]
         kind = "torch.utils.benchmark.Timer.timeit(1)"
     else:
         m = t.blocked_autorange(min_run_time=args.min_time)
@@ -353,7 +354,7 @@ def parse_shape(s: str) -> tuple:
     except ValueError:
         dims = ()
     if len(dims) < 2 or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"--shapes: {s!r} is not a shape like 4096x4096 or 512x512x3x3")
+        raise argparse.ArgumentTypeError(f"{s!r} is not a shape like 4096x4096 or 512x512x3x3")
     return dims
 
 
@@ -371,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="td-kernels bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", type=_csv_list(), default=None, help=f"comma list (default: {','.join(SHAPES)})")
-    p.add_argument("--dtypes", type=_csv_list(DTYPES), default=["float32", "bfloat16"])
+    p.add_argument("--shapes", type=lambda v: [parse_shape(x) and x for x in _csv_list()(v)], default=None, help=f"comma list (default: {','.join(SHAPES)})")
+    p.add_argument("--dtypes", type=_csv_list(DTYPES), default=None, help="comma list (default: float32,bfloat16)")
     p.add_argument("--providers", type=_csv_list(), default=None,
                    help="comma list (default: every backend available here, then " + ",".join(YARDSTICKS) +
                         "); clone is always measured, the copy floor")
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the saved-bytes and peak-memory measurements")
     p.add_argument("--min-time", type=float, default=0.5, help="CPU: blocked_autorange min_run_time, s")
     p.add_argument("--slow-call-s", type=float, default=0.1, help="CPU: calls slower than this get --slow-runs single calls")
-    p.add_argument("--slow-runs", type=int, default=3)
+    p.add_argument("--slow-runs", type=int, default=3, help="CPU: single calls timed for a slow op (>= 1)")
     p.add_argument("--warmup-ms", type=int, default=25, help="CUDA: do_bench warmup")
     p.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench rep")
     p.add_argument("--cuda-runs", type=int, default=20, help="CUDA without Triton: timed runs")
@@ -403,10 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fmt(x, spec):
-    return "" if x is None or x == "" else format(x, spec)
+    if x is None or x == "":
+        return ""
+    if spec == "sig":  # three significant digits without exponents: 2345, 12.3, 0.0123
+        return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 1 else f"{x:.3g}"
+    return format(x, spec)
 
 
-def run(args) -> list:
+def run(args, on_progress: Optional[Callable[[list], None]] = None) -> list:
+    """Measure everything ``args`` selects; ``on_progress(rows)`` after each shape and dtype."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
@@ -418,7 +424,9 @@ def run(args) -> list:
     wanted = args.providers or available
     missing = [p for p in wanted if p not in available]
     for p in missing:
-        print(f"# provider {p!r} not available on {device.type}; available: {', '.join(available)}", file=sys.stderr)
+        why = td._registry._UNAVAILABLE.get(p) or ("the Triton interpreter is not a provider" if p == "triton" else
+                                                   f"it does not serve {device.type}")
+        print(f"# provider {p!r} skipped: {why}", file=sys.stderr)
     providers = [p for p in available if p in wanted or p == "clone"]
     if args.skip_reference and "reference" in providers:
         providers.remove("reference")
@@ -472,7 +480,18 @@ def run(args) -> list:
             del w, g
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if on_progress is not None:  # partial results survive a timeout
+                on_progress(_finish(rows, args, shapes, providers))
+    return _finish(rows, args, shapes, providers)
+
+
+def _finish(rows, args, shapes, providers) -> list:
+    rows = [dict(r) for r in rows]
     _derive(rows)
+    # read by group: each (op, shape, dtype, mode) with its providers together, the copy floor last
+    order = {k: i for i, k in enumerate(list(args.ops) + ["x".join(map(str, s)) for s in shapes] + list(args.dtypes)
+                                        + list(MODES) + [p for p in providers if p != "clone"] + ["clone"])}
+    rows.sort(key=lambda r: tuple(order[r[c]] for c in ("op", "shape", "dtype", "mode", "provider")))
     return rows
 
 
@@ -496,7 +515,7 @@ def format_table(rows) -> str:
     lines = []
     for r in rows:
         lines.append((r["op"], r["mode"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".3f"),
-                      f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}", _fmt(r["gbps"], ".1f"),
+                      f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}", _fmt(r["gbps"], "sig"),
                       _fmt(None if r.get("frac_copy") is None else 100 * r["frac_copy"], ".0f"),
                       _fmt(r.get("speedup_vs_reference"), ".1f"), _fmt(r.get("speedup_vs_dropout"), ".2f"),
                       _fmt(r.get("saved_bytes_per_elem"), ".4f"), _fmt(r.get("peak_mb"), ".1f")))
@@ -589,18 +608,25 @@ def plot(rows, out_dir: Path) -> list:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.quick and args.dtypes == ["float32", "bfloat16"] and argv is not None and "--dtypes" not in argv:
-        args.dtypes = ["float32"]
-    elif args.quick and argv is None and "--dtypes" not in sys.argv:
-        args.dtypes = ["float32"]
-    rows = run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("slow_runs", "threads", "rep_ms", "cuda_runs"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    unknown = [x for x in args.providers or () if x not in td._registry.known_backends() + YARDSTICKS]
+    if unknown:
+        parser.error(f"--providers: unknown {', '.join(unknown)}; known: "
+                     f"{', '.join(td._registry.known_backends() + YARDSTICKS)}")
+    if not (0 <= args.drop_rate <= 1 and 0 <= args.targ_rate <= 1):
+        parser.error("--drop-rate and --targ-rate must be in [0, 1]")
+    args.dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
+    csv_path = args.csv or (args.out / "bench.csv" if args.out else None)
+    rows = run(args, on_progress=(lambda rows: write_csv(rows, csv_path)) if csv_path else None)
     print(format_table(rows))
     print("# GB/s = bytes the op must move (td_kernels.benchmark.op_bytes) / median time; %copy = that / the "
           "clone's GB/s in this run; saved B/el = bytes kept for backward per element (weight excluded); "
           "peak MB = peak allocation of one fwd+bwd above its inputs"
           + (" (CPU: torch profiler allocator events)" if args.device.startswith("cpu") else ""))
-    csv_path = args.csv or (args.out / "bench.csv" if args.out else None)
     if csv_path:
         write_csv(rows, csv_path)
         print(f"# wrote {csv_path}")

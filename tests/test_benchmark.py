@@ -122,3 +122,18 @@ def test_cli_tiny_run_table_csv_plot_and_compare(tmp_path, capsys):
     assert tb.main(fast + ["--fail-on-regression"]) == 1
     out = capsys.readouterr().out
     assert "REGRESSION weight fwd 16x32 float32 dropout" in out and "2 regressions" in out  # dropout and clone
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_backends_keep_at_most_a_bit_and_peak_is_measured():
+    w = torch.randn(256, 1024, device="cuda", requires_grad=True)
+    g = torch.randn_like(w)
+    N = w.numel()
+    assert "triton" in tb.provider_names("cuda") or "native" in tb.provider_names("cuda")
+    for backend in td.available_backends("cuda"):
+        for op in tb.OPS:
+            assert 0 < tb.saved_bytes(tb.make_fn(backend, op, 0.5, 0.5), w) <= N / 8, (backend, op)
+            peak = tb.peak_bytes(tb.make_bench_fn(backend, op, "fwd+bwd", w, g, 0.5, 0.5), w.device)
+            assert peak >= 2 * N * 4  # out and grad_w exist at once
+    assert tb.saved_bytes(tb.make_fn("dropout", "weight", 0.5, 0.5), w) >= N  # a per-element mask
