@@ -33,9 +33,15 @@ except Exception as e:  # extension not built, or built against another torch
 
 from . import ops  # noqa: E402  (registers the torch.library ops)
 from .api import prune_units, prune_weights, targeted_unit_dropout, targeted_weight_dropout  # noqa: E402
+from . import nn  # noqa: E402
+from .nn import TargetedDropout, apply_targeted_dropout, remove_targeted_dropout  # noqa: E402
+from .schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate  # noqa: E402
+from .pruning import TargetedPruning, prune_model, sparsity_report  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "targeted_weight_dropout", "targeted_unit_dropout", "prune_weights", "prune_units",
     "available_backends", "reference", "ops", "Backend",
+    "nn", "TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout",
+    "RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "TargetedPruning", "prune_model", "sparsity_report",
 ]

@@ -102,13 +102,26 @@ class TargetedDropout(nn.Module):
     def unit_keep(self, w: Tensor, seed: int | None = None) -> Tensor:
         """Bool ``[U]``: the units unit targeting keeps for this seed (SPEC section 4, 6).
 
-        Costs one read of W (the row norms) and U Philox words; no masked copy of W. Computed
-        with the reference's definition, which every backend matches (SPEC section 10)."""
+        Costs one read of W (the row norms), a selection over U norms and U random words; no
+        masked copy of W."""
+        import td_kernels as td
         from .api import _seed_tensor  # the library's one way to draw a seed (SPEC section 9)
 
+        s = int(_seed_tensor(seed))
         w2d = w.detach().reshape(w.shape[0], -1)
-        k = reference.count(self.targ_rate, w2d.shape[0])
-        return reference.unit_keep(w2d, int(_seed_tensor(seed)), k, reference.drop_threshold(self.drop_rate))
+        U = w2d.shape[0]
+        k = reference.count(self.targ_rate, U)
+        if k in (0, U):
+            candidate = torch.full((U,), k == U, dtype=torch.bool, device=w.device)
+        else:  # the reference's candidates (SPEC section 4): norm strictly below the k-th
+            keys = reference._norm_keys(reference.unit_norms(w2d))
+            candidate = keys < reference._kth_smallest(keys[None, :], k)
+        # Unit u's coin is word(u) < D. Weight targeting of a 1 x U row of ones with targ_rate 1
+        # (all candidates) draws the same words (flat index j = u) and zeroes exactly those
+        # positions: one backend call, where Philox in torch ops costs ~0.7 ms at any U.
+        ones = torch.ones(1, U, dtype=torch.float32, device=w.device)
+        coin = td.targeted_weight_dropout(ones, self.drop_rate, 1.0, seed=s, backend=self.backend)[0] == 0
+        return ~(candidate & coin)
 
     def extra_repr(self) -> str:
         return f"drop_rate={self.drop_rate}, targ_rate={self.targ_rate}, mode={self.mode!r}, backend={self.backend!r}"

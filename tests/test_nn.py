@@ -252,3 +252,18 @@ def test_output_side_remove_and_state_dict():
     assert not hasattr(m[3], "targeted_dropout") and not m[3]._forward_hooks
     x = _x()
     assert torch.equal(m(x), m(x))  # training mode, but nothing is dropped any more
+
+
+@pytest.mark.parametrize("targ", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("drop", [0.0, 0.5, 1.0])
+def test_unit_keep_is_the_specs_keep(drop, targ):
+    from td_kernels import reference as ref
+
+    torch.manual_seed(4)
+    w = torch.randn(37, 6)
+    w[5] = 0.0
+    w[9, 2] = float("nan")  # a NaN norm ranks above +inf
+    t = TargetedDropout(drop, targ, mode="unit")
+    for seed in [0, 1, 2**40 + 3]:
+        want = ref.unit_keep(w, seed, ref.count(targ, 37), ref.drop_threshold(drop))
+        assert torch.equal(t.unit_keep(w, seed), want)

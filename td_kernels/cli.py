@@ -1,0 +1,63 @@
+"""The ``td-kernels`` command: ``td-kernels demo [...]`` and ``td-kernels bench [...]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _csv(text: str) -> tuple:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _demo_parser(sub) -> None:
+    from .demo import DEFAULT_METHODS, METHODS, MODELS  # light: no training at import
+
+    p = sub.add_parser("demo", help="train small nets on 8x8 digits and tabulate accuracy vs pruning (Table 2)",
+                       description="Reproduce the shape of the paper's Table 2 on scikit-learn's 8x8 digits: "
+                                   "train each model with each method, prune 0-90% of its weights / units, "
+                                   "print the accuracy tables, write results.csv and accuracy_vs_pruning.png.")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per model (default: 20)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split, initial weights and dropout (default: 0)")
+    p.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--backend", default="auto", help="td_kernels backend for the targeted ops (default: auto)")
+    p.add_argument("--methods", type=_csv, default=DEFAULT_METHODS,
+                   help=f"comma-separated, from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--models", type=_csv, default=tuple(MODELS),
+                   help=f"comma-separated, from {','.join(MODELS)} (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads while it runs (default: 1 on CPU; these layers are too small to gain "
+                        "from more)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="td-kernels", description="td_kernels: fast targeted dropout for PyTorch")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench}")
+    _demo_parser(sub)
+    sub.add_parser("bench", help="benchmark the backends (arguments go to td_kernels.benchmark)", add_help=False)
+    if argv[:1] == ["bench"]:
+        # hand every remaining argument to the benchmark's own parser
+        from . import benchmark  # lazily: it may pull in Triton and the native extension
+
+        return benchmark.main(argv[1:]) or 0
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .demo import check_args, run_demo
+
+    kwargs = dict(epochs=args.epochs, device=args.device, backend=args.backend, methods=args.methods,
+                  models=args.models, threads=args.threads)
+    try:
+        check_args(**kwargs)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    run_demo(seed=args.seed, out=args.out, progress=not args.no_progress, **kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The demo and the td-kernels command line."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from td_kernels import cli, demo  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_targeted_dropout_loses_less_to_weight_pruning():
+    """The paper's claim in miniature: a seeded CPU run (a few seconds) on the 8x8 digits."""
+    train_data, test_data = demo.load_data(0, "cpu")
+    acc = {}
+    for method in ["none", "targeted_weight"]:
+        torch.manual_seed(0)
+        model = demo.make_model("cnn")
+        demo.train(model, demo.METHODS[method], train_data, epochs=8, seed=0)
+        r = demo.evaluate_pruning(model, test_data, rates=(0.0, 0.8), modes=("weight",))
+        acc[method] = (r[("weight", 0.0)], r[("weight", 0.8)])
+    loss = {m: a0 - a80 for m, (a0, a80) in acc.items()}
+    assert acc["none"][0] > 0.9  # the baseline did learn
+    assert loss["targeted_weight"] < loss["none"] - 0.2, acc
+    assert acc["targeted_weight"][1] > acc["none"][1] + 0.15, acc
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_demo_writes_csv_and_png(tmp_path, capsys):
+    rc = cli.main(["demo", "--epochs", "1", "--out", str(tmp_path), "--models", "mlp",
+                   "--methods", "none,targeted_unit,ramp", "--no-progress"])
+    assert rc == 0
+    rows = _read_csv(tmp_path / "results.csv")
+    assert len(rows) == 3 * 2 * 10  # methods x prune modes x rates
+    assert {r["method"] for r in rows} == {"none", "targeted_unit", "ramp"}
+    assert {r["prune_mode"] for r in rows} == {"weight", "unit"}
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    with open(tmp_path / "accuracy_vs_pruning.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "mlp, weight pruning" in out and "mlp, unit pruning" in out and "90%" in out
+
+
+def test_python_m_td_kernels_demo(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "td_kernels", "demo", "--epochs", "1", "--models", "cnn",
+                        "--methods", "none", "--out", str(tmp_path), "--seed", "3"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "cnn, unit pruning" in p.stdout
+    assert "step" in p.stderr  # the progress bar goes to stderr
+    assert len(_read_csv(tmp_path / "results.csv")) == 20
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["demo", "--methods", "none,bogus"], "methods"),
+    (["demo", "--models", "resnet"], "models"),
+    (["demo", "--epochs", "0"], "epochs"),
+    (["demo", "--threads", "0"], "threads"),
+    (["demo", "--backend", "fastest"], "backend"),
+    (["demo", "--device", "nonsense"], "device"),
+] + ([(["demo", "--device", "cuda"], "device")] if not torch.cuda.is_available() else []))
+def test_cli_bad_arguments(argv, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv + ["--out", str(tmp_path), "--no-progress"])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_bench_hands_its_arguments_to_the_benchmark(monkeypatch):
+    from td_kernels import benchmark
+
+    seen = []
+    monkeypatch.setattr(benchmark, "main", lambda argv=None: seen.append(argv) or 0)
+    assert cli.main(["bench", "--quick", "--op", "x"]) == 0
+    assert seen == [["--quick", "--op", "x"]]
+
+
+def test_cli_without_a_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_run_demo_bad_arguments():
+    with pytest.raises(ValueError, match="methods"):
+        demo.run_demo(methods=["none", "l0"], out=None, progress=False)
+    with pytest.raises(ValueError, match="models"):
+        demo.run_demo(models=["vgg"], out=None, progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        demo.run_demo(epochs=0, out=None, progress=False)
