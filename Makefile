@@ -15,7 +15,7 @@ $(VENV)/.deps:
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)
-	$(PIP) --no-build-isolation -e .
+	TD_KERNELS_BUILD_EXT=1 $(PIP) --no-build-isolation -e .
 	touch $@
 
 demo: $(VENV)/.built

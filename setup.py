@@ -1,8 +1,90 @@
-"""Build script. The native extension (csrc/) is added here by the native backend;
-until then this installs the pure-Python package."""
+"""Build script: the td_kernels package plus its native extension td_kernels._C (csrc/).
+
+    pip install --no-build-isolation -e .      # torch must be installed first
+
+What gets built (never by probing for a GPU: a build machine may have none):
+  * CUDAExtension (CPU + CUDA kernels, sm_80 and sm_90, plus sm_90 PTX) when torch is a CUDA
+    build (torch.version.cuda) and nvcc is found (CUDA_HOME or PATH);
+  * CppExtension (CPU kernels only) otherwise.
+Environment:
+  TD_KERNELS_BUILD_EXT=0     skip the extension: the pure-Python package (reference, Triton)
+  TD_KERNELS_BUILD_EXT=1     the extension is required: a compile error fails the install
+  (unset)                    try it; a compile error prints a warning and the install goes on
+                             without it (td_kernels imports, backend "native" reports why not)
+  TD_KERNELS_BUILD_CUDA=0    build the CPU kernels only, even where CUDA could be built
+  MAX_JOBS                   parallel compile jobs (torch's ninja build)
+"""
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_EXT = os.environ.get("TD_KERNELS_BUILD_EXT", "auto").strip().lower()
+if BUILD_EXT not in ("0", "1", "auto", ""):
+    sys.exit(f"TD_KERNELS_BUILD_EXT must be 0, 1 or unset, got {BUILD_EXT!r}")
+
+
+def _extension_and_cmdclass():
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    nvcc = os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else None
+    with_cuda = (torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
+                 and os.environ.get("TD_KERNELS_BUILD_CUDA", "1") != "0")
+    sources = ["csrc/td_ops.cpp", "csrc/td_cpu.cpp"]
+    # -O3 for the loops; -fno-trapping-math -fno-math-errno as torch's own CPU build, so that
+    # loops with float conversions and sqrt vectorize; -fopenmp because at::parallel_for
+    # (torch's OpenMP backend) is inlined into our code: without it every loop would run on
+    # one thread. The OpenMP runtime is torch's libgomp.so.1, already loaded with torch.
+    # (no -std: torch's BuildExtension adds the standard its headers need, C++20 for 2.13)
+    cxx = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
+    kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True,
+                  include_dirs=[os.path.join(HERE, "csrc")])
+    if with_cuda:
+        sources += ["csrc/td_cuda.cu", "csrc/td_cuda_binding.cpp"]
+        # no --use_fast_math: its flush-to-zero would change the keys of float64 weights
+        # whose float32 rounding is subnormal, and its approximate sqrt the unit norms
+        nv = ["-O3", "-lineinfo",
+              "-gencode=arch=compute_80,code=sm_80",
+              "-gencode=arch=compute_90,code=sm_90",
+              "-gencode=arch=compute_90,code=compute_90"]  # PTX: newer GPUs JIT it
+        ext = ce.CUDAExtension("td_kernels._C", sources, define_macros=[("TD_WITH_CUDA", None)],
+                               extra_compile_args={"cxx": cxx, "nvcc": nv}, **kwargs)
+    else:
+        ext = ce.CppExtension("td_kernels._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+    class BuildExt(ce.BuildExtension):
+        """torch's BuildExtension; a failed compile is fatal only with TD_KERNELS_BUILD_EXT=1."""
+
+        def build_extensions(self):
+            self._td_failed = []
+            super().build_extensions()
+            # forget a failed extension, so that no later step (copying it next to the sources,
+            # listing the wheel's files) looks for its library
+            self.extensions = [e for e in self.extensions if e.name not in self._td_failed]
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # compiler missing, compile error, ...
+                if BUILD_EXT == "1":
+                    raise
+                self._td_failed.append(ext.name)
+                self.warn(f"td_kernels: building the native extension failed ({e}); installing "
+                          "without it. Backend 'native' will be unavailable. Set "
+                          "TD_KERNELS_BUILD_EXT=1 to make this an error.")
+
+    return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = ([], {}) if BUILD_EXT == "0" else _extension_and_cmdclass()
 
 setup(
     name="td_kernels",
     packages=find_packages(include=["td_kernels", "td_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    # the extension uses the stable Python ABI (no pybind11): one build serves every CPython
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )

@@ -64,14 +64,16 @@ def philox_words(seed: int, n: int, device=None) -> torch.Tensor:
 def _float16_abs_bits_as_float32(x: torch.Tensor) -> torch.Tensor:
     """Exact float16 -> float32 widening of |x| in integer ops.
 
-    torch's own CPU conversion is not one function: its vector loop quiets a NaN and keeps the
-    payload, its scalar tail loop returns 0x7FFFFFFF, so a NaN's key would depend on where it sits.
-    We fix the rule as x86 F16C and the Triton kernels do it: NaN quieted, payload kept."""
+    torch's own CPU conversion is not one function: its vector loop keeps a NaN's payload, its
+    scalar tail loop returns 0x7FFFFFFF, so a NaN's key would depend on where it sits. We fix the
+    rule as the exact field-by-field widening (bfloat16's 16-bit shift is the same rule): exponent
+    rebiased, mantissa shifted up 13 bits, a NaN's payload kept and never quieted. Keys are then
+    strictly increasing in the 15 magnitude bits, so every backend computes them with integer ops."""
     h = x.view(torch.int16).to(torch.int64) & 0x7FFF
     exp, mant = h >> 10, h & 0x3FF
-    normal = ((exp + 112) << 23) | (mant << 13)
+    normal = ((exp + 112) << 23) | (mant << 13)               # 127 - 15 = 112
     subnormal = (mant.to(torch.float32) * 2.0**-24).view(torch.int32).to(torch.int64)  # exact
-    inf_nan = 0x7F800000 | (mant << 13) | torch.where(mant != 0, 0x00400000, 0)
+    inf_nan = (255 << 23) | (mant << 13)
     return torch.where(exp == 0, subnormal, torch.where(exp == 31, inf_nan, normal))
 
 

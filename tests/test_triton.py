@@ -10,7 +10,6 @@ interpreter compiles nothing) -- test_new_seed_does_not_recompile runs on CUDA o
 import importlib
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -45,13 +44,9 @@ def assert_bits(a, b):
 
 
 def reference_weight(w, seed, k, D):
-    """(out, limit, keep) of the reference.  float16 is widened by numpy first: torch's CPU
-    float16 -> float32 gives 0x7FFFFFFF for every NaN in its scalar tail loop but a quiet NaN
-    with the payload kept in its vector loop, so R.rank_keys of a float16 NaN depends on the
-    NaN's position in the tensor (torch 2.13 CPU).  numpy widens like the vector loop."""
-    wf = w if w.dtype != torch.float16 else torch.from_numpy(w.cpu().numpy().astype(np.float32)).to(w.device)
-    limit = R.weight_limits(wf, k)
-    keep = R.weight_keep(wf, limit, seed, D)
+    """(out, limit, keep) of the reference."""
+    limit = R.weight_limits(w, k)
+    keep = R.weight_keep(w, limit, seed, D)
     return R._zero_where_dropped(w, keep), limit, keep
 
 
@@ -60,8 +55,7 @@ def check_weight(w, seed, k, D):
     ref_out, ref_limit, keep = reference_weight(w, seed, k, D)
     assert_bits(out, ref_out)
     assert limit.dtype == torch.int32 and torch.equal(limit, ref_limit)
-    if w.dtype != torch.float16:  # the reference itself, unwrapped
-        assert_bits(out, R.weight_dropout(w, seed, k, D)[0])
+    assert_bits(out, R.weight_dropout(w, seed, k, D)[0])
     grad = torch.randn(w.shape, device=w.device).to(w.dtype)
     assert_bits(wd.weight_dropout_backward(grad, w, limit, seed, D),
                 R._zero_where_dropped(grad, keep))

@@ -1,0 +1,367 @@
+// td_cpu.cpp -- the CPU kernels of backend "native" (SPEC.md sections 4-7), registered as the
+// CPU implementation of the td_kernels_native ops (schemas in td_ops.cpp).
+//
+// Weight targeting, per unit (row) of F elements:
+//   select  one pass reads the row, writes its rank values rv and counts their top 11-bit
+//           digit; a radix select (td_select.h) then narrows to the rank-k value on the
+//           survivors only (typically < 5% of the row): O(F), ~F reads + F 4-byte writes.
+//   apply   Philox4x32-10 once per 4 stream positions into a 4 KiB word buffer, then a
+//           branch-free loop out = (rv <= limit && word < D) ? +0 : w: reads w once more
+//           (from L1/L2: rows are selected and applied back to back) and writes out once.
+// Memory traffic per element: one DRAM read of w, one DRAM write of out (sizeof(T) each);
+// the rv buffer and the words stay in cache. The backward reads w (keys) and grad, writes
+// grad_w: 3 * sizeof(T) per element, 4 bytes per unit (limit).
+// Unit targeting: one read of w for the norms (float32 accumulation, float64 for float64),
+// a selection over the U norm keys, then a row copy or a row of zeros: 2 reads + 1 write.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "td_checks.h"
+#include "td_core.h"
+#include "td_cpu_philox.h"
+#include "td_select.h"
+
+namespace td_native {
+namespace {
+
+// ---- dtype families: storage bits, rank values, norm accumulator ----------------------------
+// Kernels move raw bits (S = uint16/32/64_t): a dropped element is all-zero bits (+0.0) and a
+// kept one is copied bit for bit, so the apply loops are integer masks that vectorize.
+struct FamF32 {
+  using S = uint32_t;
+  using Acc = float;
+  static constexpr int kBits = 31;
+  static uint32_t rv(S b) { return b & td::kKeyMax; }  // == td::key_f32
+  static uint32_t key_from_rv(uint32_t r) { return r; }
+  static int32_t rv_limit(int32_t lim) { return lim; }
+  static Acc mag(S b) { return td::f32_from_bits(b & td::kKeyMax); }
+};
+struct FamF64 {
+  using S = uint64_t;
+  using Acc = double;
+  static constexpr int kBits = 31;
+  static double value(S b) {
+    double x;
+    std::memcpy(&x, &b, 8);
+    return x;
+  }
+  static uint32_t rv(S b) { return td::rv_f64(value(b)); }
+  static uint32_t key_from_rv(uint32_t r) { return r; }
+  static int32_t rv_limit(int32_t lim) { return lim; }
+  static Acc mag(S b) { return value(b & 0x7FFFFFFFFFFFFFFFull); }
+};
+struct FamF16 {  // rank by the 15-bit magnitude, which orders like key_f16
+  using S = uint16_t;
+  using Acc = float;
+  static constexpr int kBits = 15;
+  static uint32_t rv(S h) { return td::rv_half(h); }
+  static uint32_t key_from_rv(uint32_t r) { return td::key_from_rv_f16(r); }
+  static int32_t rv_limit(int32_t lim) { return td::rv_limit_f16(lim); }
+  static Acc mag(S h) { return td::f32_from_bits(td::key_f16(h)); }  // |x|, exact
+};
+struct FamBF16 {
+  using S = uint16_t;
+  using Acc = float;
+  static constexpr int kBits = 15;
+  static uint32_t rv(S h) { return td::rv_half(h); }
+  static uint32_t key_from_rv(uint32_t r) { return td::key_from_rv_bf16(r); }
+  static int32_t rv_limit(int32_t lim) { return td::rv_limit_bf16(lim); }
+  static Acc mag(S h) { return td::f32_from_bits(td::key_bf16(h)); }
+};
+
+template <class Fn>
+void dispatch_family(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn(FamF32{}); break;
+    case at::kDouble: fn(FamF64{}); break;
+    case at::kHalf: fn(FamF16{}); break;
+    case at::kBFloat16: fn(FamBF16{}); break;
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", t);
+  }
+}
+
+template <class Fm>
+typename Fm::S* ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename Fm::S*>(t.data_ptr());
+}
+
+constexpr uint64_t kDropAll = uint64_t(1) << 32;
+constexpr int64_t kChunk = 1024;        // words per Philox batch: 4 KiB, stays in L1
+constexpr int64_t kGrainElems = 32768;  // elements per parallel task (amortizes the fork)
+
+// out[p] = val[p], or +0 where element p (a candidate, rv(wk[p]) <= lim_rv[row]) draws a word
+// below D; flat positions p in [a, b) of a U x F matrix. wk and val are one tensor in the
+// forward (w, w) and two in the backward (w for the keys, grad for the values).
+template <class Fm>
+void apply_range(const typename Fm::S* __restrict wk, const typename Fm::S* __restrict val,
+                 typename Fm::S* __restrict out, int64_t F, const int32_t* lim_rv, int64_t a,
+                 int64_t b, uint64_t seed, uint64_t D) {
+  using S = typename Fm::S;
+  alignas(64) uint32_t words[kChunk + 8];
+  for (int64_t p = a; p < b;) {
+    const int64_t u = p / F, row_end = std::min(b, (u + 1) * F);
+    const int32_t lim = lim_rv[u];
+    if (lim < 0 || D == 0) {  // no candidate in this row, or nothing drops
+      std::memcpy(out + p, val + p, sizeof(S) * (row_end - p));
+      p = row_end;
+      continue;
+    }
+    if (D == kDropAll) {  // every candidate drops: no random words needed (pruning)
+      for (int64_t i = p; i < row_end; ++i) {
+        const S keep = (S)((int32_t)Fm::rv(wk[i]) <= lim) - S(1);  // all ones or 0
+        out[i] = val[i] & keep;
+      }
+      p = row_end;
+      continue;
+    }
+    const uint32_t D32 = (uint32_t)D;
+    while (p < row_end) {
+      const int64_t n = std::min(kChunk, row_end - p);
+      const uint64_t q0 = (uint64_t)p >> 2, q1 = (uint64_t)(p + n - 1) >> 2;
+      td::philox_blocks(seed, q0, (int64_t)(q1 - q0 + 1), words);
+      const uint32_t* wd = words + (p & 3);
+      const S* wkp = wk + p;
+      const S* vp = val + p;
+      S* op = out + p;
+      for (int64_t i = 0; i < n; ++i) {  // branch-free: drops are random, branches would miss
+        const uint32_t drop = (uint32_t)((int32_t)Fm::rv(wkp[i]) <= lim) & (uint32_t)(wd[i] < D32);
+        op[i] = vp[i] & (S)((S)drop - S(1));
+      }
+      p += n;
+    }
+  }
+}
+
+// The rank value at 0-based position k (0 < k < F) of one row: its threshold t.
+template <class Fm>
+uint32_t row_threshold(const typename Fm::S* row, int64_t F, int64_t k, uint32_t* rv, uint32_t* hist) {
+  if (F <= td::kSelectSmall) {
+    for (int64_t j = 0; j < F; ++j) rv[j] = Fm::rv(row[j]);
+    std::nth_element(rv, rv + k, rv + F);
+    return rv[k];
+  }
+  std::memset(hist, 0, sizeof(uint32_t) * td::kRadixBins);
+  const int shift = td::radix_first_shift(Fm::kBits);
+  for (int64_t j = 0; j < F; ++j) {  // fused: rank values + first-digit histogram
+    const uint32_t v = Fm::rv(row[j]);
+    rv[j] = v;
+    ++hist[td::radix_digit(v, shift)];
+  }
+  return td::select_rank_counted(rv, F, k, hist, Fm::kBits);
+}
+
+template <class Fm>
+void weight_forward(const at::Tensor& w, at::Tensor& out, at::Tensor& limit, int64_t k, uint64_t seed,
+                    uint64_t D) {
+  const int64_t U = w.size(0), F = w.size(1);
+  const auto* wp = ptr<Fm>(w);
+  auto* op = ptr<Fm>(out);
+  int32_t* lp = limit.data_ptr<int32_t>();
+  std::vector<int32_t> lim_rv(U);
+  if (k == 0 || k == F) {  // SPEC: no candidate / every element, no selection
+    std::fill(lp, lp + U, k == 0 ? -1 : (int32_t)td::kKeyMax);
+    std::fill(lim_rv.begin(), lim_rv.end(), k == 0 ? -1 : (int32_t)td::kKeyMax);
+    at::parallel_for(0, U * F, kGrainElems, [&](int64_t a, int64_t b) {
+      apply_range<Fm>(wp, wp, op, F, lim_rv.data(), a, b, seed, D);
+    });
+    return;
+  }
+  auto select_row = [&](int64_t u, uint32_t* rv, uint32_t* hist) {
+    const uint32_t t = row_threshold<Fm>(wp + u * F, F, k, rv, hist);
+    lp[u] = td::limit_from_threshold_key(Fm::key_from_rv(t));
+    lim_rv[u] = (int32_t)t - 1;  // strict: rv < t  <=>  rv <= t - 1
+  };
+  const int64_t nthreads = at::get_num_threads();
+  if (U >= 2 * nthreads || U * F < 4 * kGrainElems) {
+    // enough rows to share out: select and apply each row while it is in cache
+    at::parallel_for(0, U, std::max<int64_t>(1, kGrainElems / F), [&](int64_t a, int64_t b) {
+      std::vector<uint32_t> rv(F);
+      uint32_t hist[td::kRadixBins];
+      for (int64_t u = a; u < b; ++u) {
+        select_row(u, rv.data(), hist);
+        apply_range<Fm>(wp, wp, op, F, lim_rv.data(), u * F, (u + 1) * F, seed, D);
+      }
+    });
+  } else {
+    // few long rows: select per row, then apply over the flat range with every thread
+    at::parallel_for(0, U, 1, [&](int64_t a, int64_t b) {
+      std::vector<uint32_t> rv(F);
+      uint32_t hist[td::kRadixBins];
+      for (int64_t u = a; u < b; ++u) select_row(u, rv.data(), hist);
+    });
+    at::parallel_for(0, U * F, kGrainElems, [&](int64_t a, int64_t b) {
+      apply_range<Fm>(wp, wp, op, F, lim_rv.data(), a, b, seed, D);
+    });
+  }
+}
+
+template <class Fm>
+void weight_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit,
+                     at::Tensor& out, uint64_t seed, uint64_t D) {
+  const int64_t U = w.size(0), F = w.size(1);
+  const int32_t* lp = limit.data_ptr<int32_t>();
+  std::vector<int32_t> lim_rv(U);
+  for (int64_t u = 0; u < U; ++u) lim_rv[u] = Fm::rv_limit(lp[u]);
+  const auto* wp = ptr<Fm>(w);
+  const auto* gp = ptr<Fm>(grad);
+  auto* op = ptr<Fm>(out);
+  at::parallel_for(0, U * F, kGrainElems, [&](int64_t a, int64_t b) {
+    apply_range<Fm>(wp, gp, op, F, lim_rv.data(), a, b, seed, D);
+  });
+}
+
+// L2 norm of each row, accumulated in Fm::Acc (float32, or float64 for float64 weights);
+// 8 partial sums so the loop vectorizes without reassociating a single sum.
+template <class Fm>
+void unit_norms(const typename Fm::S* w, int64_t U, int64_t F, typename Fm::Acc* norms) {
+  using Acc = typename Fm::Acc;
+  at::parallel_for(0, U, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(F, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t u = a; u < b; ++u) {
+      const auto* row = w + u * F;
+      Acc acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t j = 0;
+      for (; j + 8 <= F; j += 8)
+        for (int l = 0; l < 8; ++l) {
+          const Acc x = Fm::mag(row[j + l]);
+          acc[l] += x * x;
+        }
+      for (; j < F; ++j) {
+        const Acc x = Fm::mag(row[j]);
+        acc[0] += x * x;
+      }
+      norms[u] = std::sqrt(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+    }
+  });
+}
+
+// keep[u] = not (candidate and word(u) < D); candidates rank strictly below the norm key at
+// position k (NaN above +inf). The selection is std::nth_element over U keys: O(U).
+template <class Acc>
+void unit_keep(const Acc* norms, int64_t U, int64_t k, uint64_t seed, uint64_t D, bool* keep) {
+  using Key = decltype(td::norm_key(Acc(0)));
+  std::vector<Key> keys(U);
+  for (int64_t u = 0; u < U; ++u) keys[u] = td::norm_key(norms[u]);
+  Key t = 0;
+  if (k > 0 && k < U) {
+    std::vector<Key> work(keys);
+    std::nth_element(work.begin(), work.begin() + k, work.end());
+    t = work[k];
+  }
+  for (int64_t u = 0; u < U; u += 4) {
+    const td::Words4 r = td::philox_block(seed, (uint64_t)u >> 2);  // p = u
+    for (int64_t i = u; i < std::min(U, u + 4); ++i) {
+      const bool candidate = k == U || (k > 0 && keys[i] < t);
+      keep[i] = !(candidate && td::drops(td::lane(r, (unsigned)(i & 3)), D));
+    }
+  }
+}
+
+// out row u = keep[u] ? src row u : +0 row
+void apply_rows(const at::Tensor& src, const bool* keep, at::Tensor& out) {
+  const int64_t U = src.size(0), F = src.size(1);
+  const size_t row_bytes = (size_t)F * src.element_size();
+  const auto* sp = static_cast<const char*>(src.data_ptr());
+  auto* op = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, U, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(F, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t u = a; u < b; ++u) {
+      if (keep[u]) std::memcpy(op + u * row_bytes, sp + u * row_bytes, row_bytes);
+      else std::memset(op + u * row_bytes, 0, row_bytes);  // all-zero bits are +0.0
+    }
+  });
+}
+
+// ---- the op implementations (schemas in td_ops.cpp) ------------------------------------------
+void check_rows(const at::Tensor& w) {
+  TORCH_CHECK_VALUE(w.size(1) < (int64_t(1) << 32), "w must have fewer than 2**32 elements per unit, got ",
+                    w.size(1));
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_dropout_cpu(const at::Tensor& w, int64_t seed, int64_t k,
+                                                      int64_t drop_threshold) {
+  check_weight_2d(w, c10::kCPU);
+  check_seed_and_threshold(seed, drop_threshold);
+  check_rows(w);
+  TORCH_CHECK_VALUE(k >= 0 && k <= w.size(1), "k must be in [0, F = ", w.size(1), "], got ", k);
+  at::Tensor out = at::empty_like(w);
+  at::Tensor limit = at::empty({w.size(0)}, w.options().dtype(at::kInt));
+  if (w.numel() == 0) {
+    limit.fill_(k == 0 ? -1 : (int64_t)td::kKeyMax);
+    return {out, limit};
+  }
+  dispatch_family(w.scalar_type(), [&](auto fam) {
+    weight_forward<decltype(fam)>(w, out, limit, k, (uint64_t)seed, (uint64_t)drop_threshold);
+  });
+  return {out, limit};
+}
+
+at::Tensor weight_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit,
+                                       int64_t seed, int64_t drop_threshold) {
+  check_weight_2d(w, c10::kCPU);
+  check_grad_like(grad, w, c10::kCPU);
+  TD_CHECK_DEVICE(limit, c10::kCPU);
+  TD_CHECK_DTYPE(limit, at::kInt);
+  TD_CHECK_SHAPE(limit, w.size(0));
+  TD_CHECK_CONTIGUOUS(limit);
+  check_seed_and_threshold(seed, drop_threshold);
+  at::Tensor out = at::empty_like(grad);
+  if (grad.numel() == 0) return out;
+  dispatch_family(w.scalar_type(), [&](auto fam) {
+    weight_backward<decltype(fam)>(grad, w, limit, out, (uint64_t)seed, (uint64_t)drop_threshold);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> unit_dropout_cpu(const at::Tensor& w, int64_t seed, int64_t k,
+                                                    int64_t drop_threshold) {
+  check_weight_2d(w, c10::kCPU);
+  check_seed_and_threshold(seed, drop_threshold);
+  const int64_t U = w.size(0), F = w.size(1);
+  TORCH_CHECK_VALUE(k >= 0 && k <= U, "k must be in [0, U = ", U, "], got ", k);
+  at::Tensor out = at::empty_like(w);
+  at::Tensor keep = at::empty({U}, w.options().dtype(at::kBool));
+  bool* kp = keep.data_ptr<bool>();
+  dispatch_family(w.scalar_type(), [&](auto fam) {
+    using Fm = decltype(fam);
+    std::vector<typename Fm::Acc> norms(U);
+    unit_norms<Fm>(ptr<Fm>(w), U, F, norms.data());
+    unit_keep(norms.data(), U, k, (uint64_t)seed, (uint64_t)drop_threshold, kp);
+  });
+  if (w.numel() > 0) apply_rows(w, kp, out);
+  return {out, keep};
+}
+
+at::Tensor unit_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& keep) {
+  TD_CHECK_DEVICE(grad, c10::kCPU);
+  TD_CHECK_DIM(grad, 2);
+  TD_CHECK_CONTIGUOUS(grad);
+  TD_CHECK_FLOAT(grad);
+  TD_CHECK_DEVICE(keep, c10::kCPU);
+  TD_CHECK_DTYPE(keep, at::kBool);
+  TD_CHECK_SHAPE(keep, grad.size(0));
+  TD_CHECK_CONTIGUOUS(keep);
+  at::Tensor out = at::empty_like(grad);
+  if (grad.numel() > 0) apply_rows(grad, keep.data_ptr<bool>(), out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(td_kernels_native, CPU, m) {
+  m.impl("weight_dropout", &weight_dropout_cpu);
+  m.impl("weight_dropout_backward", &weight_dropout_backward_cpu);
+  m.impl("unit_dropout", &unit_dropout_cpu);
+  m.impl("unit_dropout_backward", &unit_dropout_backward_cpu);
+}
+
+}  // namespace td_native

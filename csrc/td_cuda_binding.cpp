@@ -1,0 +1,127 @@
+// td_cuda_binding.cpp -- tensors -> the torch-free CUDA launchers of td_cuda.cu, registered
+// as the CUDA implementation of the td_kernels_native ops (schemas in td_ops.cpp). Checks
+// the arguments (td_checks.h), runs on the tensor's device and current stream, and checks
+// each launcher's launches (C10_CUDA_CHECK on the returned error, then
+// C10_CUDA_KERNEL_LAUNCH_CHECK).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "td_checks.h"
+#include "td_cuda.h"
+
+namespace td_native {
+namespace {
+
+td_cuda::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return td_cuda::DType::kFloat32;
+    case at::kHalf: return td_cuda::DType::kFloat16;
+    case at::kBFloat16: return td_cuda::DType::kBFloat16;
+    case at::kDouble: return td_cuda::DType::kFloat64;
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+#define TD_CUDA_RUN(call)           \
+  do {                              \
+    C10_CUDA_CHECK(call);           \
+    C10_CUDA_KERNEL_LAUNCH_CHECK(); \
+  } while (0)
+
+void check_rows(const at::Tensor& w) {
+  TORCH_CHECK_VALUE(w.size(1) < (int64_t(1) << 31), "w must have fewer than 2**31 elements per unit, got ",
+                    w.size(1));
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_dropout_cuda(const at::Tensor& w, int64_t seed, int64_t k,
+                                                       int64_t drop_threshold) {
+  check_weight_2d(w, c10::kCUDA);
+  check_seed_and_threshold(seed, drop_threshold);
+  check_rows(w);
+  TORCH_CHECK_VALUE(k >= 0 && k <= w.size(1), "k must be in [0, F = ", w.size(1), "], got ", k);
+  const c10::cuda::CUDAGuard guard(w.device());
+  at::Tensor out = at::empty_like(w);
+  at::Tensor limit = at::empty({w.size(0)}, w.options().dtype(at::kInt));
+  if (w.numel() == 0) {
+    limit.fill_(k == 0 ? -1 : 0x7FFFFFFF);
+    return {out, limit};
+  }
+  TD_CUDA_RUN(td_cuda::weight_dropout(dtype_of(w), w.data_ptr(), out.data_ptr(), limit.data_ptr<int32_t>(),
+                                      w.size(0), w.size(1), k, (uint64_t)seed, (uint64_t)drop_threshold,
+                                      c10::cuda::getCurrentCUDAStream()));
+  return {out, limit};
+}
+
+at::Tensor weight_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit,
+                                        int64_t seed, int64_t drop_threshold) {
+  check_weight_2d(w, c10::kCUDA);
+  check_grad_like(grad, w, c10::kCUDA);
+  TD_CHECK_SAME_DEVICE(grad, w);
+  TD_CHECK_SAME_DEVICE(limit, w);
+  TD_CHECK_DTYPE(limit, at::kInt);
+  TD_CHECK_SHAPE(limit, w.size(0));
+  TD_CHECK_CONTIGUOUS(limit);
+  check_seed_and_threshold(seed, drop_threshold);
+  const c10::cuda::CUDAGuard guard(w.device());
+  at::Tensor out = at::empty_like(grad);
+  if (grad.numel() == 0) return out;
+  TD_CUDA_RUN(td_cuda::weight_dropout_backward(dtype_of(w), grad.data_ptr(), w.data_ptr(),
+                                               limit.data_ptr<int32_t>(), out.data_ptr(), w.size(0), w.size(1),
+                                               (uint64_t)seed, (uint64_t)drop_threshold,
+                                               c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> unit_dropout_cuda(const at::Tensor& w, int64_t seed, int64_t k,
+                                                     int64_t drop_threshold) {
+  check_weight_2d(w, c10::kCUDA);
+  check_seed_and_threshold(seed, drop_threshold);
+  const int64_t U = w.size(0);
+  TORCH_CHECK_VALUE(k >= 0 && k <= U, "k must be in [0, U = ", U, "], got ", k);
+  TORCH_CHECK_VALUE(U < (int64_t(1) << 31), "w must have fewer than 2**31 units, got ", U);
+  const c10::cuda::CUDAGuard guard(w.device());
+  at::Tensor out = at::empty_like(w);
+  at::Tensor keep = at::empty({U}, w.options().dtype(at::kBool));
+  // norms accumulate in float32, float64 for float64 weights (SPEC section 4)
+  at::Tensor norms = at::empty({U}, w.options().dtype(w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  TD_CUDA_RUN(td_cuda::unit_dropout(dtype_of(w), w.data_ptr(), out.data_ptr(), keep.data_ptr<bool>(),
+                                    norms.data_ptr(), U, w.size(1), k, (uint64_t)seed, (uint64_t)drop_threshold,
+                                    c10::cuda::getCurrentCUDAStream()));
+  return {out, keep};
+}
+
+at::Tensor unit_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& keep) {
+  TD_CHECK_DEVICE(grad, c10::kCUDA);
+  TD_CHECK_DIM(grad, 2);
+  TD_CHECK_CONTIGUOUS(grad);
+  TD_CHECK_FLOAT(grad);
+  TD_CHECK_SAME_DEVICE(keep, grad);
+  TD_CHECK_DTYPE(keep, at::kBool);
+  TD_CHECK_SHAPE(keep, grad.size(0));
+  TD_CHECK_CONTIGUOUS(keep);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor out = at::empty_like(grad);
+  if (grad.numel() == 0) return out;
+  TD_CUDA_RUN(td_cuda::unit_dropout_backward(dtype_of(grad), grad.data_ptr(), keep.data_ptr<bool>(),
+                                             out.data_ptr(), grad.size(0), grad.size(1),
+                                             c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(td_kernels_native, CUDA, m) {
+  m.impl("weight_dropout", &weight_dropout_cuda);
+  m.impl("weight_dropout_backward", &weight_dropout_backward_cuda);
+  m.impl("unit_dropout", &unit_dropout_cuda);
+  m.impl("unit_dropout_backward", &unit_dropout_backward_cuda);
+}
+
+}  // namespace td_native
