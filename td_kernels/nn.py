@@ -14,8 +14,6 @@ not biases, section 2.1) without ever writing a masked copy of W.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Iterable, Iterator
 
 import torch
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import reference
+from .api import _check_rate
 
 __all__ = ["TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout",
            "targeted_dropout_modules", "prunable_layers", "LAST_LINEAR"]
@@ -35,15 +34,6 @@ LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LAST_LINEAR = "last_linear"
 _HOOK_ATTR = "targeted_dropout"  # submodule name of the output-side variant's settings
 _HANDLE_ATTR = "_targeted_dropout_hook"
-
-
-def _check_rate(name: str, rate) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
-        raise TypeError(f"{name} must be a real number in [0, 1], got {type(rate).__name__}")
-    rate = float(rate)
-    if math.isnan(rate) or not 0.0 <= rate <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {rate}")
-    return rate
 
 
 def _check_mode(mode) -> str:
