@@ -16,8 +16,8 @@ _registry.register(Backend(
     weight_dropout_backward=reference.weight_dropout_backward,
     unit_dropout=reference.unit_dropout,
     unit_dropout_backward=reference.unit_dropout_backward,
-    dtypes=(torch.float16, torch.bfloat16, torch.float32,
-            torch.float64),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    gate=_registry.device_present,
 ))
 
 try:

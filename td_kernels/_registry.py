@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Backend", "register", "unavailable", "available_backends", "resolve", "known_backends"]
+__all__ = ["Backend", "register", "unavailable", "available_backends", "check_name", "resolve", "known_backends"]
 
 
 @dataclass(frozen=True)
@@ -77,20 +77,37 @@ def available_backends(device="cpu") -> list:
     return [b.name for b in sorted(ok, key=lambda b: -b.priority[dtype])]
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that serves a tensor of ``device``/``dtype``; clear errors otherwise."""
+def device_present(device_type: str) -> Optional[str]:
+    """A gate for backends that run on any device torch has: None when one is present here."""
+    if device_type == "cpu":
+        return None
+    mod = getattr(torch, device_type, None)  # torch.cuda, torch.xpu, torch.mps, ...
+    if device_type == "mps":
+        present = torch.backends.mps.is_available()
+    else:
+        present = mod is not None and hasattr(mod, "is_available") and mod.is_available()
+    return None if present else f"no {device_type} device is available here"
+
+
+def check_name(name) -> None:
+    """``name`` is "auto" or a backend that loaded here (whatever device it will serve)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name != "auto" and name not in KNOWN:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, KNOWN))}; got {name!r}")
+    if name != "auto" and name not in _BACKENDS:
+        raise ValueError(f"backend {name!r} is not available: {_UNAVAILABLE.get(name, 'it did not register')}")
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that serves a tensor of ``device``/``dtype``; clear errors otherwise."""
+    check_name(name)
     dev = device.type
     if name == "auto":
         for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority.get(dev, -1)):
             if b.why_not(dev) is None and dtype in b.dtypes:
                 return b
         raise ValueError(f"backend='auto': no backend serves {dtype} tensors on {dev}")
-    if name not in KNOWN:
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, KNOWN))}; got {name!r}")
-    if name not in _BACKENDS:
-        raise ValueError(f"backend {name!r} is not available: {_UNAVAILABLE.get(name, 'it did not register')}")
     b = _BACKENDS[name]
     why = b.why_not(dev)
     if why is not None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import reference
+from ._registry import check_name
 from .api import _check_rate
 
 __all__ = ["TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout",
@@ -53,11 +54,14 @@ class TargetedDropout(nn.Module):
 
     def __init__(self, drop_rate: float, targ_rate: float, mode: str = "weight", backend: str = "auto"):
         super().__init__()
+        # the rates also live in a CPU float64 tensor (a plain attribute, so .to(device) leaves it
+        # on the CPU): a compiled model reads them from there and a schedule changing them every
+        # step never recompiles it
+        self._rates = torch.zeros(2, dtype=torch.float64)
         self.drop_rate = drop_rate
         self.targ_rate = targ_rate
         self.mode = _check_mode(mode)
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        check_name(backend)  # now, not at the first training forward
         self.backend = backend
 
     # validated on every assignment, so a schedule cannot set a rate outside [0, 1]
@@ -68,6 +72,7 @@ class TargetedDropout(nn.Module):
     @drop_rate.setter
     def drop_rate(self, value) -> None:
         self._drop_rate = _check_rate("drop_rate", value)
+        self._rates[0] = self._drop_rate
 
     @property
     def targ_rate(self) -> float:
@@ -76,17 +81,23 @@ class TargetedDropout(nn.Module):
     @targ_rate.setter
     def targ_rate(self, value) -> None:
         self._targ_rate = _check_rate("targ_rate", value)
+        self._rates[1] = self._targ_rate
 
     def _active(self) -> bool:
         # rate 0 means no candidate or no drop: the op would return W unchanged, so skip it
         return self.training and self.drop_rate > 0.0 and self.targ_rate > 0.0
 
     def forward(self, w: Tensor) -> Tensor:
-        if not self._active():
-            return w
         import td_kernels as td  # at call time: td_kernels imports this module
 
         fn = td.targeted_weight_dropout if self.mode == "weight" else td.targeted_unit_dropout
+        if torch.compiler.is_compiling():
+            # read no Python float here: each would be a guard, and each new value a recompile
+            if not self.training:
+                return w
+            return fn(w, self._rates[0], self._rates[1], training=True, backend=self.backend)
+        if not self._active():
+            return w
         return fn(w, self.drop_rate, self.targ_rate, training=True, backend=self.backend)
 
     def unit_keep(self, w: Tensor, seed: int | None = None) -> Tensor:

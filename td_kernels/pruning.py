@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
-from . import reference
+from . import ops, reference
+from .api import _params
 from .nn import LAST_LINEAR, LAYER_TYPES, _check_mode, _check_rate, _has_ours, prunable_layers
 
 __all__ = ["TargetedPruning", "prune_model", "sparsity_report", "SparsityReport", "LayerSparsity"]
@@ -39,24 +40,19 @@ class TargetedPruning(prune.BasePruningMethod):
         self.backend = backend
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
-        import td_kernels as td
-
-        w = t * default_mask  # the weight as currently pruned (what `weight` holds)
-        w2d = w.detach().reshape(w.shape[0], -1)
+        # The ops return what pruning needs: a pruned element reads +0, but so does a kept zero,
+        # so the mask is "not a candidate" (SPEC section 8: every candidate is dropped), read
+        # from the op's per-unit limit key or keep flag rather than from the output's zeros.
+        w = (t * default_mask).detach()  # the weight as currently pruned (what `weight` holds)
+        w2d = w.reshape(w.shape[0], -1)
+        n = w2d.shape[1] if self.mode == "weight" else w2d.shape[0]
+        params = _params(0, 1.0, self.rate, n)
         if self.mode == "weight":
-            kept = td.prune_weights(w2d, self.rate, backend=self.backend) != 0
-            # A pruned element reads +0, but so does a kept zero. Zeros (key 0) tie at the
-            # bottom of a row: they are candidates, hence pruned, iff the row has at most k of
-            # them (SPEC section 4: strict comparison with the key at position k).
-            zero = reference.rank_keys(w2d) == 0
-            k = reference.count(self.rate, w2d.shape[1])
-            kept |= zero & (zero.sum(dim=1, keepdim=True) > k)
+            _, limit = ops.weight_dropout(w2d, params, self.backend)
+            kept = reference.rank_keys(w2d) > limit.to(torch.int64)[:, None]
         else:
-            kept = (td.prune_units(w2d, self.rate, backend=self.backend) != 0).any(dim=1)
-            zero = reference.unit_norms(w2d) == 0  # same tie rule, over the units' norms
-            k = reference.count(self.rate, w2d.shape[0])
-            kept |= zero & (zero.sum() > k)
-            kept = kept[:, None].expand_as(w2d)
+            _, keep = ops.unit_dropout(w2d, params, self.backend)
+            kept = keep[:, None].expand_as(w2d)
         return kept.reshape(t.shape).to(default_mask.dtype) * default_mask
 
     @classmethod
@@ -75,8 +71,8 @@ def prune_model(model: nn.Module, rate: float, mode: str = "weight", exclude=LAS
     layers = prunable_layers(model, exclude)
     for name, layer in layers:
         if _has_ours(layer) or parametrize.is_parametrized(layer, "weight"):
-            raise ValueError(f"layer {name!r} has a parametrized weight; call remove_targeted_dropout(model) "
-                             "before prune_model")
+            raise ValueError(f"layer {name!r} has targeted dropout (or another parametrization) on its weight; "
+                             "call remove_targeted_dropout(model) before prune_model")
     for _, layer in layers:
         TargetedPruning.apply(layer, "weight", rate, mode, backend)
     return [n for n, _ in layers]

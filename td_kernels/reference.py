@@ -1,8 +1,8 @@
 """The pure-PyTorch reference: SPEC.md written out in tensor code.
 
 Clarity beats speed here: every kernel in the library is tested bit for bit against these
-functions. They run on any device torch supports and handle a 4096x4096 float32 weight in
-about a second on a 2-core CPU (Philox on int64 tensors is the cost).
+functions. They run on any device torch supports and handle a 4096x4096 float32 weight in a
+few seconds on a 2-core CPU (3.5-6 s measured; Philox on int64 tensors is most of it).
 Section numbers refer to ../shared/SPEC.md.
 """
 from __future__ import annotations
@@ -85,13 +85,21 @@ def rank_keys(x: torch.Tensor) -> torch.Tensor:
     return bits & KEY_MAX  # clearing the sign bit is |x| for every float, NaN included
 
 
-def count(rate: float, n: int) -> int:
-    """``count(r, n) = min(n, floor(r*n + 1e-6))`` with r*n in float64."""
+def count(rate, n: int):
+    """``count(r, n) = min(n, floor(r*n + 1e-6))`` with r*n in float64.
+
+    A 0-dim tensor rate gives a 0-dim int64 tensor by the same float64 arithmetic, so a rate
+    held in a tensor can change under torch.compile without a recompile."""
+    if isinstance(rate, torch.Tensor):
+        return torch.clamp(torch.floor(rate.to(torch.float64) * n + 1e-6), max=n).to(torch.int64)
     return min(n, math.floor(float(rate) * n + 1e-6))
 
 
-def drop_threshold(drop_rate: float) -> int:
-    """``D = floor(drop_rate * 2**32)``: a candidate at position p drops iff word(p) < D."""
+def drop_threshold(drop_rate):
+    """``D = floor(drop_rate * 2**32)``: a candidate at position p drops iff word(p) < D
+    (a 0-dim int64 tensor for a tensor rate, as in :func:`count`)."""
+    if isinstance(drop_rate, torch.Tensor):
+        return torch.floor(drop_rate.to(torch.float64) * 2**32).to(torch.int64)
     return math.floor(float(drop_rate) * 2**32)
 
 
@@ -135,9 +143,14 @@ def weight_dropout_backward(grad2d, w2d, limit, seed: int, drop_threshold: int):
 
 # ---- section 4: unit targeting -----------------------------------------------------------
 def unit_norms(w2d: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each row, accumulated in float32 (float64 for float64 weights)."""
-    acc = torch.float64 if w2d.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(w2d.to(acc), dim=1)
+    """L2 norm of each row: squares summed in float64, the norm rounded once to float32
+    (float64 weights keep a float64 norm).
+
+    SPEC allows float32 or wider; float32 sums drift apart by summation order (1e-5 relative at
+    F = 2**22, past SPEC's 1e-6), float64 sums agree to ~1e-16 and neither overflow nor underflow,
+    so every backend does it this way and ranks the same units."""
+    norms = torch.linalg.vector_norm(w2d.to(torch.float64), dim=1)
+    return norms if w2d.dtype == torch.float64 else norms.to(torch.float32)
 
 
 def _norm_keys(norms: torch.Tensor) -> torch.Tensor:

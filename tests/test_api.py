@@ -156,7 +156,8 @@ def test_backward_saves_no_element_mask():
         td.targeted_weight_dropout(w, 0.5, 0.5, seed=1)
         td.targeted_unit_dropout(w, 0.5, 0.5, seed=1)
     extra = [t for t in saved if t is not w and t.data_ptr() != w.data_ptr()]
-    assert sum(t.numel() * t.element_size() for t in extra) <= 4 * 32 + 1 * 32 + 2 * 8
+    # per unit: a 4-byte limit (weight) and a 1-byte keep flag (unit); per call: params, 3 int64
+    assert sum(t.numel() * t.element_size() for t in extra) <= 4 * 32 + 1 * 32 + 24
 
 
 # ---- bad input ---------------------------------------------------------------------------
@@ -196,10 +197,22 @@ def test_bad_prune_rate():
             fn(torch.randn(3, 3), 1.01)
 
 
-def test_unavailable_backend_says_why():
-    for name in {"triton", "native"} - set(CPU_BACKENDS):
-        with pytest.raises(ValueError, match=f"backend '{name}'"):
-            td.targeted_weight_dropout(torch.randn(3, 3), 0.5, 0.5, backend=name)
+@pytest.mark.parametrize("name", ["triton", "native"])
+def test_unavailable_backend_says_why(name, monkeypatch):
+    from td_kernels import _registry
+    monkeypatch.delitem(_registry._BACKENDS, name, raising=False)
+    monkeypatch.setitem(_registry._UNAVAILABLE, name, "it was not built; build it with X")
+    with pytest.raises(ValueError, match=f"backend '{name}' is not available: it was not built; build it with X"):
+        td.targeted_weight_dropout(torch.randn(3, 3), 0.5, 0.5, backend=name)
+    assert name not in td.available_backends()
+
+
+def test_backend_for_absent_device_says_why():
+    if not torch.cuda.is_available():
+        assert td.available_backends("cuda") == []
+        with pytest.raises(ValueError, match="no cuda device"):
+            from td_kernels import _registry
+            _registry.resolve("reference", torch.device("cuda"), torch.float32)
 
 
 def test_nan_inf_weights_never_crash():
@@ -212,14 +225,14 @@ def test_nan_inf_weights_never_crash():
 
 # ---- torch.library and torch.compile -----------------------------------------------------
 def _op_samples():
-    seed = torch.tensor(12, dtype=torch.int64)
+    params = torch.tensor([12, 3, 2**31], dtype=torch.int64)
     for dtype in (torch.float32, torch.float64):
         w = torch.randn(5, 7, dtype=dtype, requires_grad=True)
-        yield torch.ops.td_kernels.weight_dropout, (w, seed, 3, 2**31, "reference")
-        yield torch.ops.td_kernels.unit_dropout, (w, seed, 2, 2**31, "reference")
+        yield torch.ops.td_kernels.weight_dropout, (w, params, "reference")
+        yield torch.ops.td_kernels.unit_dropout, (w, params, "reference")
     g, w = torch.randn(5, 7), torch.randn(5, 7)
-    limit = torch.ops.td_kernels.weight_dropout(w, seed, 3, 2**31, "reference")[1]
-    yield torch.ops.td_kernels.weight_dropout_backward, (g, w, limit, seed, 2**31, "reference")
+    limit = torch.ops.td_kernels.weight_dropout(w, params, "reference")[1]
+    yield torch.ops.td_kernels.weight_dropout_backward, (g, w, limit, params, "reference")
     yield torch.ops.td_kernels.unit_dropout_backward, (g, torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool), "reference")
 
 
@@ -250,3 +263,62 @@ def test_torch_compile_fullgraph_no_recompile_on_new_seed():
     assert torch.equal(a, f(x))  # the compiled graph draws the seed as eager does
     cf(x).sum().backward()
     assert lin.weight.grad is not None
+
+
+def test_torch_compile_inductor_seeds():
+    """Inductor draws seed=None with its own generator: reproducible under torch.manual_seed; with
+    fallback_random it draws exactly as eager does (README, "torch.compile")."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    lin = torch.nn.Linear(16, 8)
+
+    def f(x):
+        return torch.nn.functional.linear(x, td.targeted_weight_dropout(lin.weight, 0.5, 0.5), lin.bias)
+
+    x = torch.randn(4, 16)
+    for fallback in (False, True):
+        torch._dynamo.reset()
+        with inductor_config.patch(fallback_random=fallback):
+            cf = torch.compile(f, fullgraph=True)
+            torch.manual_seed(3)
+            a = cf(x)
+            torch.manual_seed(3)
+            assert torch.equal(a, cf(x))
+            if fallback:
+                torch.manual_seed(3)
+                assert torch.equal(a, f(x))
+
+
+def test_tensor_rates_equal_float_rates():
+    w = torch.randn(7, 33)
+    for d, t in [(0.5, 0.29), (1.0, 1.0), (0.0, 0.5), (0.3, 0.0), (0.999, 0.01)]:
+        for fn in FUNCS:
+            a = fn(w, d, t, seed=4)
+            b = fn(w, torch.tensor(d, dtype=torch.float64), torch.tensor(t), seed=4)
+            oracle.assert_bits_equal(a, b)
+    assert R.count(torch.tensor(0.29, dtype=torch.float64), 100).item() == R.count(0.29, 100) == 29
+    with pytest.raises(ValueError, match="drop_rate"):
+        td.targeted_weight_dropout(w, torch.tensor(1.5), 0.5)
+    with pytest.raises(TypeError, match="targ_rate"):
+        td.targeted_weight_dropout(w, 0.5, torch.tensor([0.5]))
+
+
+def test_default_device_context_does_not_move_the_seed():
+    w = torch.randn(4, 6)
+    expect = td.targeted_weight_dropout(w, 0.5, 0.5, seed=5)
+    with torch.device("meta"):
+        oracle.assert_bits_equal(td.targeted_weight_dropout(w, 0.5, 0.5, seed=5), expect)
+        torch.manual_seed(2)
+        a = td.targeted_weight_dropout(w, 0.5, 0.5)
+    torch.manual_seed(2)
+    oracle.assert_bits_equal(a, td.targeted_weight_dropout(w, 0.5, 0.5))
+
+
+def test_sparse_weight_is_refused():
+    with pytest.raises(TypeError, match="w must be a dense"):
+        td.targeted_weight_dropout(torch.eye(3).to_sparse(), 0.5, 0.5)
+
+
+def test_ops_refuse_bad_params():
+    with pytest.raises(ValueError, match="params"):
+        torch.ops.td_kernels.weight_dropout(torch.randn(3, 3), torch.tensor([1, 2]), "reference")

@@ -267,3 +267,24 @@ def test_unit_keep_is_the_specs_keep(drop, targ):
     for seed in [0, 1, 2**40 + 3]:
         want = ref.unit_keep(w, seed, ref.count(targ, 37), ref.drop_threshold(drop))
         assert torch.equal(t.unit_keep(w, seed), want)
+
+
+def test_compiled_model_follows_a_schedule_without_recompiling():
+    """Rates changed every step by a schedule reach a compiled model as tensor data."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    td.apply_targeted_dropout(model, 0.5, 0.5)
+    sched = td.RampSchedule(model, total_steps=6)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 12)
+    layer = model[0].parametrizations.weight[0]
+    compiled(x)  # the first compile
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(6):
+            sched.step()
+            torch.manual_seed(1)
+            got = compiled(x)
+            torch.manual_seed(1)
+            assert torch.equal(got, model(x)), (layer.drop_rate, layer.targ_rate)
+    assert layer.drop_rate == 0.5 and layer.targ_rate == 0.5
