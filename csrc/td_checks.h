@@ -32,8 +32,12 @@
 namespace td_native {
 
 constexpr int64_t kDropThresholdMax = int64_t(1) << 32;  // D = floor(drop_rate * 2**32)
+// Both devices' radix selects count in uint32 (CPU histograms, CUDA shared-memory bins and
+// rank k): a row (weight targeting) or the set of units (unit targeting) must hold fewer than
+// 2**32 values. One limit for both devices, so an input fails or runs alike on either.
+constexpr int64_t kMaxSelect = int64_t(1) << 32;
 
-// The checks every entry point runs on (w2d, seed, drop_threshold): the 2-D weight view.
+// The 2-D weight view every entry point takes.
 inline void check_weight_2d(const at::Tensor& w, c10::DeviceType dev) {
   TD_CHECK_DEVICE(w, dev);
   TD_CHECK_DIM(w, 2);
@@ -50,11 +54,59 @@ inline void check_seed_and_threshold(int64_t seed, int64_t drop_threshold) {
 // (grad, w) pairs of the backward: same shape, dtype and device, both contiguous 2-D.
 inline void check_grad_like(const at::Tensor& grad, const at::Tensor& w, c10::DeviceType dev) {
   TD_CHECK_DEVICE(grad, dev);
+  TD_CHECK_SAME_DEVICE(grad, w);
   TD_CHECK_DIM(grad, 2);
   TD_CHECK_CONTIGUOUS(grad);
   TORCH_CHECK_VALUE(grad.sizes() == w.sizes(), "grad must have w's shape ", w.sizes(), ", got ",
                     grad.sizes());
   TD_CHECK_DTYPE(grad, w.scalar_type());
+}
+
+// ---- one check per op, shared by the CPU and CUDA bindings (dev: the binding's device) ----
+// The forwards: k counts targeted elements per unit (F = w.size(1), the selection runs over a
+// row) or targeted units (U = w.size(0), over the units' norms).
+inline void check_forward(const at::Tensor& w, int64_t seed, int64_t k, int64_t drop_threshold,
+                          c10::DeviceType dev, bool per_unit) {
+  check_weight_2d(w, dev);
+  check_seed_and_threshold(seed, drop_threshold);
+  const int64_t n = w.size(per_unit ? 1 : 0);
+  const char* what = per_unit ? "elements per unit" : "units";
+  TORCH_CHECK_VALUE(n < kMaxSelect, "w must have fewer than 2**32 ", what, ", got ", n);
+  TORCH_CHECK_VALUE(k >= 0 && k <= n, "k must be in [0, ", per_unit ? "F" : "U", " = ", n, "], got ", k);
+}
+
+inline void check_weight_dropout(const at::Tensor& w, int64_t seed, int64_t k, int64_t drop_threshold,
+                                 c10::DeviceType dev) {
+  check_forward(w, seed, k, drop_threshold, dev, /*per_unit=*/true);
+}
+
+inline void check_weight_dropout_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit,
+                                          int64_t seed, int64_t drop_threshold, c10::DeviceType dev) {
+  check_weight_2d(w, dev);
+  check_grad_like(grad, w, dev);
+  TD_CHECK_DEVICE(limit, dev);
+  TD_CHECK_SAME_DEVICE(limit, w);
+  TD_CHECK_DTYPE(limit, at::kInt);
+  TD_CHECK_SHAPE(limit, w.size(0));
+  TD_CHECK_CONTIGUOUS(limit);
+  check_seed_and_threshold(seed, drop_threshold);
+}
+
+inline void check_unit_dropout(const at::Tensor& w, int64_t seed, int64_t k, int64_t drop_threshold,
+                               c10::DeviceType dev) {
+  check_forward(w, seed, k, drop_threshold, dev, /*per_unit=*/false);
+}
+
+inline void check_unit_dropout_backward(const at::Tensor& grad, const at::Tensor& keep, c10::DeviceType dev) {
+  TD_CHECK_DEVICE(grad, dev);
+  TD_CHECK_DIM(grad, 2);
+  TD_CHECK_CONTIGUOUS(grad);
+  TD_CHECK_FLOAT(grad);
+  TD_CHECK_DEVICE(keep, dev);
+  TD_CHECK_SAME_DEVICE(keep, grad);
+  TD_CHECK_DTYPE(keep, at::kBool);
+  TD_CHECK_SHAPE(keep, grad.size(0));
+  TD_CHECK_CONTIGUOUS(keep);
 }
 
 }  // namespace td_native

@@ -2,9 +2,11 @@
 //
 // Torch-free and dependency-free on purpose: the same functions compile with g++ (the CPU
 // kernels and the host unit test csrc/tests/test_core.cpp) and with nvcc (device code), so
-// the random stream, the rank keys and the drop decision are written exactly once.
+// the random stream, the rank keys, the drop decision and the dtype families are written
+// exactly once.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -71,35 +73,25 @@ TD_HD bool drops(uint32_t word, uint64_t D) { return (uint64_t)word < D; }
 // key(x) = bits(|float32(x)|), in [0, 2**31); NaN keys lie above +inf's 0x7F800000.
 constexpr uint32_t kKeyMax = 0x7FFFFFFFu;
 
-TD_HD uint32_t f32_bits(float x) {
+// bit casts: CUDA's intrinsics on the device, memcpy (which compilers turn into a move) on the host
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
+TD_HD uint32_t f32_bits(float x) { return __float_as_uint(x); }
+TD_HD float f32_from_bits(uint32_t b) { return __uint_as_float(b); }
+TD_HD uint64_t f64_bits(double x) { return (uint64_t)__double_as_longlong(x); }
+TD_HD double f64_from_bits(uint64_t b) { return __longlong_as_double((long long)b); }
 #else
-  uint32_t b;
-  memcpy(&b, &x, 4);
-  return b;
-#endif
+template <typename To, typename From>
+inline To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From), "a bit cast keeps the size");
+  To y;
+  memcpy(&y, &x, sizeof(To));
+  return y;
 }
-
-TD_HD float f32_from_bits(uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float x;
-  memcpy(&x, &b, 4);
-  return x;
+TD_HD uint32_t f32_bits(float x) { return bits_as<uint32_t>(x); }
+TD_HD float f32_from_bits(uint32_t b) { return bits_as<float>(b); }
+TD_HD uint64_t f64_bits(double x) { return bits_as<uint64_t>(x); }
+TD_HD double f64_from_bits(uint64_t b) { return bits_as<double>(b); }
 #endif
-}
-
-TD_HD uint64_t f64_bits(double x) {
-#if defined(__CUDA_ARCH__)
-  return (uint64_t)__double_as_longlong(x);
-#else
-  uint64_t b;
-  memcpy(&b, &x, 8);
-  return b;
-#endif
-}
 
 TD_HD uint32_t key_f32(float x) { return f32_bits(x) & kKeyMax; }
 // float64 rounds to float32 (nearest even) for the key only. A NaN is spelled out as x86/ARM
@@ -198,6 +190,67 @@ TD_HD int32_t limit_from_threshold_key(uint32_t t) { return (int32_t)t - 1; }
 // SPEC section 4 + 6 for one element: candidate (key <= limit) and its word below D.
 TD_HD bool dropped(uint32_t key, int32_t limit, uint32_t word, uint64_t D) {
   return (int64_t)key <= (int64_t)limit && drops(word, D);
+}
+
+// ---- dtype families: what every kernel needs to know about a weight dtype -----------------
+// Kernels move raw bits (S = uint16/32/64_t): a dropped element is all-zero bits (+0.0) and a
+// kept one is copied bit for bit, so the apply loops are integer masks that vectorize.
+//   rv(b)           rank value (what the selection sorts), kBits bits
+//   key(b)          SPEC key (what the apply compares with the limit)
+//   key_from_rv(r)  the key of a rank value;  rv_limit(limit): limit (key space) -> rv space
+//   mag(b)          |x| widened exactly to float64: its square is exact for the 16/32-bit
+//                   types (<= 48 significant bits), so a norm's sum rounds only in the adds
+//   Norm            the norm's type: float32, float64 for float64 weights (reference.unit_norms)
+struct FamF32 {
+  using S = uint32_t;
+  using Norm = float;
+  static constexpr int kBits = 31;
+  static TD_HD uint32_t rv(S b) { return b & kKeyMax; }  // == key_f32
+  static TD_HD uint32_t key(S b) { return b & kKeyMax; }
+  static TD_HD uint32_t key_from_rv(uint32_t r) { return r; }
+  static TD_HD int32_t rv_limit(int32_t lim) { return lim; }
+  static TD_HD double mag(S b) { return (double)f32_from_bits(b & kKeyMax); }
+};
+struct FamF64 {  // ranked by the key of float32(x)
+  using S = uint64_t;
+  using Norm = double;
+  static constexpr int kBits = 31;
+  static TD_HD uint32_t rv(S b) { return key_f64(f64_from_bits(b)); }
+  static TD_HD uint32_t key(S b) { return rv(b); }
+  static TD_HD uint32_t key_from_rv(uint32_t r) { return r; }
+  static TD_HD int32_t rv_limit(int32_t lim) { return lim; }
+  static TD_HD double mag(S b) { return f64_from_bits(b & 0x7FFFFFFFFFFFFFFFull); }
+};
+struct FamF16 {  // ranked by the 15-bit magnitude, which orders like key_f16
+  using S = uint16_t;
+  using Norm = float;
+  static constexpr int kBits = 15;
+  static TD_HD uint32_t rv(S h) { return rv_half(h); }
+  static TD_HD uint32_t key(S h) { return key_f16(h); }
+  static TD_HD uint32_t key_from_rv(uint32_t r) { return key_from_rv_f16(r); }
+  static TD_HD int32_t rv_limit(int32_t lim) { return rv_limit_f16(lim); }
+  static TD_HD double mag(S h) { return (double)f32_from_bits(key_f16(h)); }  // |x|, exact
+};
+struct FamBF16 {
+  using S = uint16_t;
+  using Norm = float;
+  static constexpr int kBits = 15;
+  static TD_HD uint32_t rv(S h) { return rv_half(h); }
+  static TD_HD uint32_t key(S h) { return key_bf16(h); }
+  static TD_HD uint32_t key_from_rv(uint32_t r) { return key_from_rv_bf16(r); }
+  static TD_HD int32_t rv_limit(int32_t lim) { return rv_limit_bf16(lim); }
+  static TD_HD double mag(S h) { return (double)f32_from_bits(key_bf16(h)); }
+};
+
+// ---- unit targeting: the norm from its float64 sum of squares -------------------------------
+// sqrt in float64, rounded once to Norm (float32, or float64 for float64 weights). A NaN sum
+// (a row holding a NaN) gives the canonical quiet NaN: which NaN payload a sum propagates
+// depends on the summation order, so every NaN norm is made the same one (they tie, above +inf).
+TD_HD float canonical_nan(float) { return f32_from_bits(0x7FC00000u); }
+TD_HD double canonical_nan(double) { return f64_from_bits(0x7FF8000000000000ull); }
+template <typename Norm>
+TD_HD Norm norm_from_sum(double sum_sq) {
+  return sum_sq != sum_sq ? canonical_nan(Norm(0)) : (Norm)sqrt(sum_sq);
 }
 
 // ---- unit targeting: norm keys --------------------------------------------------------------

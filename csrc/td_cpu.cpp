@@ -11,8 +11,9 @@
 // Memory traffic per element: one DRAM read of w, one DRAM write of out (sizeof(T) each);
 // the rv buffer and the words stay in cache. The backward reads w (keys) and grad, writes
 // grad_w: 3 * sizeof(T) per element, 4 bytes per unit (limit).
-// Unit targeting: one read of w for the norms (float32 accumulation, float64 for float64),
-// a selection over the U norm keys, then a row copy or a row of zeros: 2 reads + 1 write.
+// Unit targeting: one read of w for the norms (squares summed in float64, the norm rounded
+// once to float32; float64 weights keep a float64 norm), a selection over the U norm keys,
+// then a row copy or a row of zeros: 2 reads + 1 write.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -35,50 +36,10 @@
 namespace td_native {
 namespace {
 
-// ---- dtype families: storage bits, rank values, norm accumulator ----------------------------
-// Kernels move raw bits (S = uint16/32/64_t): a dropped element is all-zero bits (+0.0) and a
-// kept one is copied bit for bit, so the apply loops are integer masks that vectorize.
-struct FamF32 {
-  using S = uint32_t;
-  using Acc = float;
-  static constexpr int kBits = 31;
-  static uint32_t rv(S b) { return b & td::kKeyMax; }  // == td::key_f32
-  static uint32_t key_from_rv(uint32_t r) { return r; }
-  static int32_t rv_limit(int32_t lim) { return lim; }
-  static Acc mag(S b) { return td::f32_from_bits(b & td::kKeyMax); }
-};
-struct FamF64 {
-  using S = uint64_t;
-  using Acc = double;
-  static constexpr int kBits = 31;
-  static double value(S b) {
-    double x;
-    std::memcpy(&x, &b, 8);
-    return x;
-  }
-  static uint32_t rv(S b) { return td::rv_f64(value(b)); }
-  static uint32_t key_from_rv(uint32_t r) { return r; }
-  static int32_t rv_limit(int32_t lim) { return lim; }
-  static Acc mag(S b) { return value(b & 0x7FFFFFFFFFFFFFFFull); }
-};
-struct FamF16 {  // rank by the 15-bit magnitude, which orders like key_f16
-  using S = uint16_t;
-  using Acc = float;
-  static constexpr int kBits = 15;
-  static uint32_t rv(S h) { return td::rv_half(h); }
-  static uint32_t key_from_rv(uint32_t r) { return td::key_from_rv_f16(r); }
-  static int32_t rv_limit(int32_t lim) { return td::rv_limit_f16(lim); }
-  static Acc mag(S h) { return td::f32_from_bits(td::key_f16(h)); }  // |x|, exact
-};
-struct FamBF16 {
-  using S = uint16_t;
-  using Acc = float;
-  static constexpr int kBits = 15;
-  static uint32_t rv(S h) { return td::rv_half(h); }
-  static uint32_t key_from_rv(uint32_t r) { return td::key_from_rv_bf16(r); }
-  static int32_t rv_limit(int32_t lim) { return td::rv_limit_bf16(lim); }
-  static Acc mag(S h) { return td::f32_from_bits(td::key_bf16(h)); }
-};
+using td::FamBF16;
+using td::FamF16;
+using td::FamF32;
+using td::FamF64;
 
 template <class Fn>
 void dispatch_family(at::ScalarType t, Fn&& fn) {
@@ -221,35 +182,40 @@ void weight_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tens
   });
 }
 
-// L2 norm of each row, accumulated in Fm::Acc (float32, or float64 for float64 weights);
-// 8 partial sums so the loop vectorizes without reassociating a single sum.
+// L2 norm of each row as reference.unit_norms: squares summed in float64, sqrt in float64,
+// rounded once to Fm::Norm (float32; float64 weights keep the float64 norm). The squares of
+// 16/32-bit values are exact in float64 and the sum's rounding error (~F * 2**-53 relative)
+// is far below float32's, so every summation order gives the same float32 norm except when
+// the sum lies that close to a float32 rounding boundary; nor does it overflow or underflow
+// for any float32 row. 8 float64 partial sums let the loop vectorize without reassociating
+// a single sum. A row holding a NaN gets the canonical NaN (td::norm_from_sum). Reads w once.
 template <class Fm>
-void unit_norms(const typename Fm::S* w, int64_t U, int64_t F, typename Fm::Acc* norms) {
-  using Acc = typename Fm::Acc;
+void unit_norms(const typename Fm::S* w, int64_t U, int64_t F, typename Fm::Norm* norms) {
   at::parallel_for(0, U, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(F, 1)), [&](int64_t a, int64_t b) {
     for (int64_t u = a; u < b; ++u) {
       const auto* row = w + u * F;
-      Acc acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       int64_t j = 0;
       for (; j + 8 <= F; j += 8)
         for (int l = 0; l < 8; ++l) {
-          const Acc x = Fm::mag(row[j + l]);
+          const double x = Fm::mag(row[j + l]);
           acc[l] += x * x;
         }
       for (; j < F; ++j) {
-        const Acc x = Fm::mag(row[j]);
+        const double x = Fm::mag(row[j]);
         acc[0] += x * x;
       }
-      norms[u] = std::sqrt(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+      const double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      norms[u] = td::norm_from_sum<typename Fm::Norm>(sum);
     }
   });
 }
 
 // keep[u] = not (candidate and word(u) < D); candidates rank strictly below the norm key at
 // position k (NaN above +inf). The selection is std::nth_element over U keys: O(U).
-template <class Acc>
-void unit_keep(const Acc* norms, int64_t U, int64_t k, uint64_t seed, uint64_t D, bool* keep) {
-  using Key = decltype(td::norm_key(Acc(0)));
+template <class Norm>
+void unit_keep(const Norm* norms, int64_t U, int64_t k, uint64_t seed, uint64_t D, bool* keep) {
+  using Key = decltype(td::norm_key(Norm(0)));
   std::vector<Key> keys(U);
   for (int64_t u = 0; u < U; ++u) keys[u] = td::norm_key(norms[u]);
   Key t = 0;
@@ -282,17 +248,9 @@ void apply_rows(const at::Tensor& src, const bool* keep, at::Tensor& out) {
 }
 
 // ---- the op implementations (schemas in td_ops.cpp) ------------------------------------------
-void check_rows(const at::Tensor& w) {
-  TORCH_CHECK_VALUE(w.size(1) < (int64_t(1) << 32), "w must have fewer than 2**32 elements per unit, got ",
-                    w.size(1));
-}
-
 std::tuple<at::Tensor, at::Tensor> weight_dropout_cpu(const at::Tensor& w, int64_t seed, int64_t k,
                                                       int64_t drop_threshold) {
-  check_weight_2d(w, c10::kCPU);
-  check_seed_and_threshold(seed, drop_threshold);
-  check_rows(w);
-  TORCH_CHECK_VALUE(k >= 0 && k <= w.size(1), "k must be in [0, F = ", w.size(1), "], got ", k);
+  check_weight_dropout(w, seed, k, drop_threshold, c10::kCPU);
   at::Tensor out = at::empty_like(w);
   at::Tensor limit = at::empty({w.size(0)}, w.options().dtype(at::kInt));
   if (w.numel() == 0) {
@@ -307,13 +265,7 @@ std::tuple<at::Tensor, at::Tensor> weight_dropout_cpu(const at::Tensor& w, int64
 
 at::Tensor weight_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit,
                                        int64_t seed, int64_t drop_threshold) {
-  check_weight_2d(w, c10::kCPU);
-  check_grad_like(grad, w, c10::kCPU);
-  TD_CHECK_DEVICE(limit, c10::kCPU);
-  TD_CHECK_DTYPE(limit, at::kInt);
-  TD_CHECK_SHAPE(limit, w.size(0));
-  TD_CHECK_CONTIGUOUS(limit);
-  check_seed_and_threshold(seed, drop_threshold);
+  check_weight_dropout_backward(grad, w, limit, seed, drop_threshold, c10::kCPU);
   at::Tensor out = at::empty_like(grad);
   if (grad.numel() == 0) return out;
   dispatch_family(w.scalar_type(), [&](auto fam) {
@@ -324,16 +276,14 @@ at::Tensor weight_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor> unit_dropout_cpu(const at::Tensor& w, int64_t seed, int64_t k,
                                                     int64_t drop_threshold) {
-  check_weight_2d(w, c10::kCPU);
-  check_seed_and_threshold(seed, drop_threshold);
+  check_unit_dropout(w, seed, k, drop_threshold, c10::kCPU);
   const int64_t U = w.size(0), F = w.size(1);
-  TORCH_CHECK_VALUE(k >= 0 && k <= U, "k must be in [0, U = ", U, "], got ", k);
   at::Tensor out = at::empty_like(w);
   at::Tensor keep = at::empty({U}, w.options().dtype(at::kBool));
   bool* kp = keep.data_ptr<bool>();
   dispatch_family(w.scalar_type(), [&](auto fam) {
     using Fm = decltype(fam);
-    std::vector<typename Fm::Acc> norms(U);
+    std::vector<typename Fm::Norm> norms(U);
     unit_norms<Fm>(ptr<Fm>(w), U, F, norms.data());
     unit_keep(norms.data(), U, k, (uint64_t)seed, (uint64_t)drop_threshold, kp);
   });
@@ -342,14 +292,7 @@ std::tuple<at::Tensor, at::Tensor> unit_dropout_cpu(const at::Tensor& w, int64_t
 }
 
 at::Tensor unit_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& keep) {
-  TD_CHECK_DEVICE(grad, c10::kCPU);
-  TD_CHECK_DIM(grad, 2);
-  TD_CHECK_CONTIGUOUS(grad);
-  TD_CHECK_FLOAT(grad);
-  TD_CHECK_DEVICE(keep, c10::kCPU);
-  TD_CHECK_DTYPE(keep, at::kBool);
-  TD_CHECK_SHAPE(keep, grad.size(0));
-  TD_CHECK_CONTIGUOUS(keep);
+  check_unit_dropout_backward(grad, keep, c10::kCPU);
   at::Tensor out = at::empty_like(grad);
   if (grad.numel() > 0) apply_rows(grad, keep.data_ptr<bool>(), out);
   return out;

@@ -13,9 +13,10 @@
 //                   chunk with 16-byte stores. 1 read + 1 write of w per element, 4 bytes per
 //                   unit (limit). The backward is the same kernel with grad as the values:
 //                   2 reads + 1 write per element.
-// Unit targeting: _unit_norms (one block per unit, float32 accumulation / float64 for
-// float64), _unit_select (one block: radix select over the U norm keys, one coin per unit),
-// then _apply in row mode (copy or zero each row).
+// Unit targeting: _unit_norms (one block per unit, reads the row once: squares summed in
+// float64, the norm rounded once to float32, float64 norms for float64 weights), _unit_select
+// (one block: radix select over the U norm keys, one coin per unit), then _apply in row mode
+// (copy or zero each row).
 // All indexing of elements is int64.
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -30,43 +31,10 @@ constexpr int kThreads = 256;                         // every kernel's block si
 constexpr int kBinsPerThread = td::kRadixBins / kThreads;  // 8
 static_assert(kBinsPerThread * kThreads == td::kRadixBins, "bins must split evenly");
 
-// ---- dtype families: storage word, rank value (select), key (apply), magnitude (norms) -------
-struct FamF32 {
-  using S = uint32_t;
-  using Acc = float;
-  static constexpr int kBits = 31;
-  static __device__ __forceinline__ uint32_t rv(S b) { return b & td::kKeyMax; }
-  static __device__ __forceinline__ uint32_t key(S b) { return b & td::kKeyMax; }
-  static __device__ __forceinline__ uint32_t key_from_rv(uint32_t r) { return r; }
-  static __device__ __forceinline__ Acc mag(S b) { return __uint_as_float(b & td::kKeyMax); }
-};
-struct FamF64 {
-  using S = uint64_t;
-  using Acc = double;
-  static constexpr int kBits = 31;
-  static __device__ __forceinline__ uint32_t rv(S b) { return td::key_f64(__longlong_as_double((long long)b)); }
-  static __device__ __forceinline__ uint32_t key(S b) { return rv(b); }
-  static __device__ __forceinline__ uint32_t key_from_rv(uint32_t r) { return r; }
-  static __device__ __forceinline__ Acc mag(S b) { return fabs(__longlong_as_double((long long)b)); }
-};
-struct FamF16 {
-  using S = uint16_t;
-  using Acc = float;
-  static constexpr int kBits = 15;
-  static __device__ __forceinline__ uint32_t rv(S h) { return td::rv_half(h); }
-  static __device__ __forceinline__ uint32_t key(S h) { return td::key_f16(h); }
-  static __device__ __forceinline__ uint32_t key_from_rv(uint32_t r) { return td::key_from_rv_f16(r); }
-  static __device__ __forceinline__ Acc mag(S h) { return __uint_as_float(td::key_f16(h)); }
-};
-struct FamBF16 {
-  using S = uint16_t;
-  using Acc = float;
-  static constexpr int kBits = 15;
-  static __device__ __forceinline__ uint32_t rv(S h) { return td::rv_half(h); }
-  static __device__ __forceinline__ uint32_t key(S h) { return td::key_bf16(h); }
-  static __device__ __forceinline__ uint32_t key_from_rv(uint32_t r) { return td::key_from_rv_bf16(r); }
-  static __device__ __forceinline__ Acc mag(S h) { return __uint_as_float(td::key_bf16(h)); }
-};
+using td::FamBF16;  // dtype families (td_core.h): storage word, rank value, key, magnitude
+using td::FamF16;
+using td::FamF32;
+using td::FamF64;
 
 // Elements per thread chunk in _apply: one 16-byte vector, and at least one Philox block.
 template <class S>
@@ -172,7 +140,7 @@ __device__ __forceinline__ void row_for_each(const S* row, int64_t F, bool align
   constexpr int V = 16 / (int)sizeof(S);
   if (aligned) {  // row start 16-byte aligned and F a multiple of V
     const uint4* r4 = reinterpret_cast<const uint4*>(row);
-    // not unrolled: with 4 vectors in flight ptxas spilled registers in _unit_norms<float>
+    // not unrolled: with 4 vectors in flight ptxas spilled registers in _unit_norms
 #pragma unroll 1
     for (int64_t j = threadIdx.x; j < F / V; j += kThreads) {
       S e[V];
@@ -285,16 +253,19 @@ __global__ void __launch_bounds__(kThreads) _apply(const typename Fm::S* __restr
 }
 
 // ---- unit targeting ---------------------------------------------------------------------
+// norms[u] = Norm(sqrt(sum of |x|**2)) with the squares summed in float64 (exact squares, per
+// thread then a float64 warp-shuffle and block reduction), sqrt in float64 and one rounding to
+// Norm (float32; float64 for float64 weights): reference.unit_norms to within the float64 sum's
+// rounding, so CPU, CUDA and Triton rank the same units. Reads the row once (16-byte loads).
 template <class Fm>
 __global__ void __launch_bounds__(kThreads) _unit_norms(const typename Fm::S* __restrict__ w,
-                                                         typename Fm::Acc* __restrict__ norms, int64_t U,
+                                                         typename Fm::Norm* __restrict__ norms, int64_t U,
                                                          int64_t F, bool aligned) {
-  using Acc = typename Fm::Acc;
-  __shared__ Acc warp_sum[kThreads / 32];
+  __shared__ double warp_sum[kThreads / 32];
   for (int64_t u = blockIdx.x; u < U; u += gridDim.x) {
-    Acc acc = 0;
+    double acc = 0;
     row_for_each(w + u * F, F, aligned, [&](typename Fm::S x) {
-      const Acc m = Fm::mag(x);
+      const double m = Fm::mag(x);
       acc += m * m;
     });
 #pragma unroll
@@ -302,19 +273,19 @@ __global__ void __launch_bounds__(kThreads) _unit_norms(const typename Fm::S* __
     if ((threadIdx.x & 31) == 0) warp_sum[threadIdx.x >> 5] = acc;
     __syncthreads();
     if (threadIdx.x == 0) {
-      Acc s = 0;
+      double s = 0;
       for (int i = 0; i < kThreads / 32; ++i) s += warp_sum[i];
-      norms[u] = sqrt(s);
+      norms[u] = td::norm_from_sum<typename Fm::Norm>(s);  // IEEE sqrt (no fast math), one rounding
     }
     __syncthreads();
   }
 }
 
 // keep[u] = not (norm key below the rank-k key, and word(u) < D); one block.
-template <class Acc>
-__global__ void __launch_bounds__(kThreads) _unit_select(const Acc* __restrict__ norms, bool* __restrict__ keep,
+template <class Norm>
+__global__ void __launch_bounds__(kThreads) _unit_select(const Norm* __restrict__ norms, bool* __restrict__ keep,
                                                           int64_t U, int64_t k, uint64_t seed, uint64_t D) {
-  using K = decltype(td::norm_key(Acc(0)));
+  using K = decltype(td::norm_key(Norm(0)));
   constexpr int kBits = sizeof(K) == 4 ? 31 : 63;
   __shared__ SelectSmem sm;
   K t = 0;
@@ -386,12 +357,12 @@ cudaError_t weight_dropout_t(const void* w, void* out, int32_t* limit, int64_t U
 template <class Fm>
 cudaError_t unit_dropout_t(const void* w, void* out, bool* keep, void* norms, int64_t U, int64_t F, int64_t k,
                            uint64_t seed, uint64_t D, cudaStream_t stream) {
-  using Acc = typename Fm::Acc;
+  using Norm = typename Fm::Norm;
   constexpr int V = 16 / (int)sizeof(typename Fm::S);
-  _unit_norms<Fm><<<grid_rows(U), kThreads, 0, stream>>>((const typename Fm::S*)w, (Acc*)norms, U, F,
+  _unit_norms<Fm><<<grid_rows(U), kThreads, 0, stream>>>((const typename Fm::S*)w, (Norm*)norms, U, F,
                                                           aligned16(w) && F % V == 0);
   TD_LAUNCH_CHECK();
-  _unit_select<Acc><<<1, kThreads, 0, stream>>>((const Acc*)norms, keep, U, k, seed, D);
+  _unit_select<Norm><<<1, kThreads, 0, stream>>>((const Norm*)norms, keep, U, k, seed, D);
   TD_LAUNCH_CHECK();
   return launch_apply<Fm, Mode::kRows>(w, w, out, nullptr, keep, U, F, seed, D, stream);
 }

@@ -35,17 +35,9 @@ td_cuda::DType dtype_of(const at::Tensor& t) {
     C10_CUDA_KERNEL_LAUNCH_CHECK(); \
   } while (0)
 
-void check_rows(const at::Tensor& w) {
-  TORCH_CHECK_VALUE(w.size(1) < (int64_t(1) << 31), "w must have fewer than 2**31 elements per unit, got ",
-                    w.size(1));
-}
-
 std::tuple<at::Tensor, at::Tensor> weight_dropout_cuda(const at::Tensor& w, int64_t seed, int64_t k,
                                                        int64_t drop_threshold) {
-  check_weight_2d(w, c10::kCUDA);
-  check_seed_and_threshold(seed, drop_threshold);
-  check_rows(w);
-  TORCH_CHECK_VALUE(k >= 0 && k <= w.size(1), "k must be in [0, F = ", w.size(1), "], got ", k);
+  check_weight_dropout(w, seed, k, drop_threshold, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(w.device());
   at::Tensor out = at::empty_like(w);
   at::Tensor limit = at::empty({w.size(0)}, w.options().dtype(at::kInt));
@@ -61,14 +53,7 @@ std::tuple<at::Tensor, at::Tensor> weight_dropout_cuda(const at::Tensor& w, int6
 
 at::Tensor weight_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit,
                                         int64_t seed, int64_t drop_threshold) {
-  check_weight_2d(w, c10::kCUDA);
-  check_grad_like(grad, w, c10::kCUDA);
-  TD_CHECK_SAME_DEVICE(grad, w);
-  TD_CHECK_SAME_DEVICE(limit, w);
-  TD_CHECK_DTYPE(limit, at::kInt);
-  TD_CHECK_SHAPE(limit, w.size(0));
-  TD_CHECK_CONTIGUOUS(limit);
-  check_seed_and_threshold(seed, drop_threshold);
+  check_weight_dropout_backward(grad, w, limit, seed, drop_threshold, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(w.device());
   at::Tensor out = at::empty_like(grad);
   if (grad.numel() == 0) return out;
@@ -81,15 +66,12 @@ at::Tensor weight_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> unit_dropout_cuda(const at::Tensor& w, int64_t seed, int64_t k,
                                                      int64_t drop_threshold) {
-  check_weight_2d(w, c10::kCUDA);
-  check_seed_and_threshold(seed, drop_threshold);
+  check_unit_dropout(w, seed, k, drop_threshold, c10::kCUDA);
   const int64_t U = w.size(0);
-  TORCH_CHECK_VALUE(k >= 0 && k <= U, "k must be in [0, U = ", U, "], got ", k);
-  TORCH_CHECK_VALUE(U < (int64_t(1) << 31), "w must have fewer than 2**31 units, got ", U);
   const c10::cuda::CUDAGuard guard(w.device());
   at::Tensor out = at::empty_like(w);
   at::Tensor keep = at::empty({U}, w.options().dtype(at::kBool));
-  // norms accumulate in float32, float64 for float64 weights (SPEC section 4)
+  // the norms: float32 (squares summed in float64, rounded once), float64 for float64 weights
   at::Tensor norms = at::empty({U}, w.options().dtype(w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   TD_CUDA_RUN(td_cuda::unit_dropout(dtype_of(w), w.data_ptr(), out.data_ptr(), keep.data_ptr<bool>(),
                                     norms.data_ptr(), U, w.size(1), k, (uint64_t)seed, (uint64_t)drop_threshold,
@@ -98,14 +80,7 @@ std::tuple<at::Tensor, at::Tensor> unit_dropout_cuda(const at::Tensor& w, int64_
 }
 
 at::Tensor unit_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& keep) {
-  TD_CHECK_DEVICE(grad, c10::kCUDA);
-  TD_CHECK_DIM(grad, 2);
-  TD_CHECK_CONTIGUOUS(grad);
-  TD_CHECK_FLOAT(grad);
-  TD_CHECK_SAME_DEVICE(keep, grad);
-  TD_CHECK_DTYPE(keep, at::kBool);
-  TD_CHECK_SHAPE(keep, grad.size(0));
-  TD_CHECK_CONTIGUOUS(keep);
+  check_unit_dropout_backward(grad, keep, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor out = at::empty_like(grad);
   if (grad.numel() == 0) return out;

@@ -144,12 +144,15 @@ def weight_dropout_backward(grad2d, w2d, limit, seed: int, drop_threshold: int):
 # ---- section 4: unit targeting -----------------------------------------------------------
 def unit_norms(w2d: torch.Tensor) -> torch.Tensor:
     """L2 norm of each row: squares summed in float64, the norm rounded once to float32
-    (float64 weights keep a float64 norm).
+    (float64 weights keep a float64 norm); a NaN norm is the canonical quiet NaN.
 
     SPEC allows float32 or wider; float32 sums drift apart by summation order (1e-5 relative at
     F = 2**22, past SPEC's 1e-6), float64 sums agree to ~1e-16 and neither overflow nor underflow,
     so every backend does it this way and ranks the same units."""
     norms = torch.linalg.vector_norm(w2d.to(torch.float64), dim=1)
+    # a row holding a NaN has a NaN norm whose payload depends on the summation order: make it
+    # the canonical quiet NaN, so NaN units tie (above +inf) in every backend
+    norms = norms.masked_fill(norms.isnan(), float("nan"))
     return norms if w2d.dtype == torch.float64 else norms.to(torch.float32)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -141,6 +142,74 @@ def test_unit_nan_inf_norms(device):
 def test_long_row(device):
     w = torch.randn(1, 10**6, generator=torch.Generator().manual_seed(1))
     check_weight(w, 123456789, 0.3, 0.5, device)
+
+
+# ---- unit norms: squares summed in float64, rounded once to float32 (reference.unit_norms) ----
+def _old_float32_norm(row: torch.Tensor) -> float:
+    """The norm as td_cpu.cpp summed it before float64: 8 sequential float32 partial sums."""
+    sq = (row * row).numpy().reshape(-1, 8)
+    acc = np.add.accumulate(sq, axis=0, dtype=np.float32)[-1]
+    return float(np.sqrt(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unit_long_rows_rank_like_the_reference(device):
+    """2 x 2**22: row 1's norm lies 5e-6 relative below row 0's (SPEC's 1e-6 exception does not
+    apply), so with targ_rate 0.5 and drop_rate 1 every backend must drop row 1 only. The rows
+    are equal magnitudes with random signs: float32 running sums stall there, and the old
+    float32 accumulation tied the two rows (dropping nothing); float64 sums rank them."""
+    F = 2**22
+    gen = torch.Generator().manual_seed(22)
+    signs = torch.where(torch.rand(2, F, generator=gen) < 0.5, -1.0, 1.0)
+    a = 1.1
+    w = signs * torch.tensor([[a], [a * (1 - 5e-6)]], dtype=torch.float32)
+    n = R.unit_norms(w).double()
+    assert 4.9e-6 < 1 - float(n[1] / n[0]) < 5.1e-6
+    assert _old_float32_norm(w[1]) >= _old_float32_norm(w[0])  # the case discriminates
+    for rows, want in (([0, 1], [True, False]), ([1, 0], [False, True])):
+        x = w[rows]
+        _, keep = native.unit_dropout(x.to(device), 5, R.count(0.5, 2), R.drop_threshold(1.0))
+        assert keep.cpu().tolist() == want
+        assert R.unit_dropout(x, 5, 1, 2**32)[1].tolist() == want
+    check_unit(w[:, :2**20].contiguous(), 5, 0.5, 1.0, device)  # the whole output, shorter rows
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1e19, 1e-25])
+def test_unit_huge_and_tiny_rows(scale, dtype, device):
+    """Squares of 1e30 overflow float32 and those of 1e-30 underflow it; float64 sums keep the
+    norms finite, nonzero and ordered (float32 sums gave inf or 0 for both rows: a tie)."""
+    w = torch.full((3, 1000), scale)
+    w[1] *= 2
+    w[2] *= 1.5
+    w[:, ::3] *= -1
+    w = w.to(dtype)
+    n = R.unit_norms(w)
+    assert bool(torch.isfinite(n).all()) and bool((n > 0).all()) and n[0] < n[2] < n[1]
+    for targ in (0.34, 0.67, 1.0):
+        check_unit(w, 77, targ, 1.0, device)
+    _, keep = native.unit_dropout(w.to(device), 77, R.count(0.67, 3), 2**32)
+    assert keep.cpu().tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unit_nan_norms_tie(dtype, device):
+    """Rows holding NaNs of different payloads: every NaN norm is the canonical NaN (which
+    payload a sum propagates depends on its order), so they tie above +inf and with k = 2 of 4
+    only the finite row is a candidate."""
+    w = torch.randn(4, 100, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    payloads = {torch.float64: [0x7FF8000000000001, 0x7FF4000000000000, -0x0008000000012345],
+                torch.float32: [0x7FC00001, 0x7FA00000, -0x003EDCBB]}
+    bits = torch.tensor(payloads[torch.float64 if dtype == torch.float64 else torch.float32])
+    nans = bits.view(torch.float64) if dtype == torch.float64 else bits.to(torch.int32).view(torch.float32)
+    w = w.to(dtype)
+    for u, j in ((1, 3), (2, 50), (3, 99)):
+        w[u, j] = nans[u - 1].to(dtype)
+        w[u, (j * 7) % 100] = nans[3 - u].to(dtype)
+    _, keep = native.unit_dropout(w.to(device), 1, 2, 2**32)
+    assert keep.cpu().tolist() == [False, True, True, True]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,6 +10,8 @@ interpreter compiles nothing) -- test_new_seed_does_not_recompile runs on CUDA o
 import importlib
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -271,12 +273,104 @@ def test_unit_hypothesis(U, F, dtype, seed, targ, drop, data):
         n = torch.sort(R.unit_norms(w).double()).values
         t = n[k]
         assume(((n - t).abs() > 1e-6 * t).sum() == U - 1)
+    assert_bits(ud.unit_norms(w), R.unit_norms(w))  # float64 sums: the norms agree bit for bit
     check_unit(w, seed, k, R.drop_threshold(drop))
 
 
-def test_unit_norms_close_to_reference():
-    w = torch.randn(5, 1000, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    torch.testing.assert_close(ud.unit_norms(w), R.unit_norms(w), rtol=1e-6, atol=0)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unit_norms_equal_reference(dtype):
+    """Squares summed in float64 and rounded once: the reference's float32 norms, bit for bit
+    (summation orders differ, but float64 sums agree far below a float32 ulp)."""
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(6, 3000, generator=gen) * torch.logspace(-4, 4, 6)[:, None]
+    w = w.to(dtype).to(DEVICE)
+    assert_bits(ud.unit_norms(w), R.unit_norms(w))
+
+
+def test_unit_long_rows_rank_like_the_reference():
+    """F = 2**16: row 1's norm lies 5e-6 relative below row 0's, so targ_rate 0.5 and
+    drop_rate 1 must drop row 1 only. Equal magnitudes with random signs: a float32 running
+    sum stalls there and ties the two rows (dropping nothing); float64 sums rank them."""
+    F, a = 2**16, 0.7
+    gen = torch.Generator().manual_seed(16)
+    signs = torch.where(torch.rand(2, F, generator=gen) < 0.5, -1.0, 1.0)
+    w = signs * torch.tensor([[a], [a * (1 - 5e-6)]], dtype=torch.float32)
+    n = R.unit_norms(w).double()
+    assert 4.9e-6 < 1 - float(n[1] / n[0]) < 5.1e-6
+    seq32 = [np.sqrt(np.add.accumulate((r * r).numpy(), dtype=np.float32)[-1]) for r in w]
+    assert seq32[1] >= seq32[0]  # float32 sequential accumulation mis-ranks: the case discriminates
+    w = w.to(DEVICE)
+    assert_bits(ud.unit_norms(w), R.unit_norms(w))
+    for rows, want in (([0, 1], [True, False]), ([1, 0], [False, True])):
+        keep = check_unit(w[rows].contiguous(), 5, 1, D_ALL)
+        assert keep.tolist() == want
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unit_nan_norms_tie(dtype):
+    """Rows holding NaNs of different payloads: every NaN norm is the canonical NaN 0x7FC00000
+    (which payload a sum propagates depends on its order), so they tie above +inf."""
+    w = torch.randn(4, 100, generator=torch.Generator().manual_seed(4))
+    nans = torch.tensor([0x7FC00001, 0x7FA00000, -0x003EDCBB], dtype=torch.int32).view(torch.float32)
+    for u, j in ((1, 3), (2, 50), (3, 99)):
+        w[u, j] = nans[u - 1]
+        w[u, (j * 7) % 100] = nans[3 - u]
+    w = w.to(dtype).to(DEVICE)
+    assert ud.unit_norms(w)[1:].view(torch.int32).tolist() == [0x7FC00000] * 3
+    assert ud.unit_dropout(w, 1, 2, D_ALL)[1].tolist() == [False, True, True, True]
+
+
+_PTX_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from td_kernels.triton.unit_dropout import _row_norms_kernel
+for cc in (80, 90):
+    for dt in ("fp32", "fp16", "bf16"):
+        src = ASTSource(fn=_row_norms_kernel, signature={"w_ptr": "*" + dt, "norm_ptr": "*fp32",
+                        "F": "i32", "BLOCK": "constexpr"}, constexprs={"BLOCK": 1024})
+        ptx = triton.compile(src, target=GPUTarget("cuda", cc, 32)).asm["ptx"]
+        ops = [ln.split()[0] for ln in ptx.splitlines() if "sqrt" in ln or "rcp" in ln or "cvt.rn.f32.f64" in ln]
+        print(cc, dt, sorted(set(ops)))
+"""
+
+
+def test_norm_kernel_ptx_uses_ieee_float64_sqrt():
+    """Compiled for sm_80/sm_90 (no GPU needed): the norm's sqrt is PTX sqrt.rn.f64 (IEEE, as
+    the interpreter's numpy and the reference), then one cvt.rn.f32.f64; never an approximate
+    sqrt/rsqrt, which would break bit equality. Compiles in a fresh process: this one may be
+    running the interpreter."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=300)
+    if res.returncode != 0 and "ptxas" in res.stderr.lower() and "not found" in res.stderr.lower():
+        pytest.skip("Triton's ptxas is missing")
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 6, res.stdout
+    for line in lines:
+        assert line.endswith("['cvt.rn.f32.f64', 'sqrt.rn.f64']"), line
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1e19, 1e-25])
+def test_unit_huge_and_tiny_rows(scale, dtype):
+    """Squares of 1e30 overflow float32 and those of 1e-30 underflow it; float64 sums keep the
+    norms finite, nonzero and ordered (float32 sums gave inf or 0 for every row: a tie)."""
+    w = torch.full((3, 300), scale)
+    w[1] *= 2
+    w[2] *= 1.5
+    w[:, ::3] *= -1
+    w = w.to(dtype).to(DEVICE)
+    n = ud.unit_norms(w)
+    assert_bits(n, R.unit_norms(w))
+    assert bool(torch.isfinite(n).all()) and bool((n > 0).all()) and n[0] < n[2] < n[1]
+    for k in range(4):
+        check_unit(w, 77, k, D_ALL)
+    assert ud.unit_dropout(w, 77, 2, D_ALL)[1].tolist() == [False, True, False]
 
 
 # ---- registration, gate, argument checks ---------------------------------------------------

@@ -64,6 +64,14 @@ def _dropped(seed, q, D):
     return _lane_words(seed, q).to(tl.int64) < D  # uint32 -> int64 zero-extends
 
 
+MAX_GRID_1 = 65535  # CUDA's limit on grid axis 1
+
+
+def num_warps(elements: int) -> int:
+    """Warps for a program over ``elements`` elements: one per 256, 1 to 8."""
+    return max(1, min(8, elements // 256))
+
+
 def device_guard(t: torch.Tensor):
     """Launch on t's GPU (Triton launches on the current device)."""
     if t.is_cuda:
@@ -85,6 +93,13 @@ def check_drop_threshold(drop_threshold) -> int:
     if not 0 <= drop_threshold <= 2**32:
         raise ValueError(f"drop_threshold must be in [0, 2**32], got {drop_threshold}")
     return drop_threshold
+
+
+def check_count(k, n: int, name: str) -> int:
+    """k (targeted elements per unit, or targeted units) must be an int in [0, n]."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"k must be an int in [0, {name}={n}], got {k!r}")
+    return k
 
 
 def check_w2d(w2d: torch.Tensor, name: str = "w2d") -> None:

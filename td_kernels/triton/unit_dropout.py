@@ -1,11 +1,13 @@
 """Unit targeting in Triton (SPEC sections 4-7).
 
 Forward, three steps:
-  1. ``_row_norms_kernel``: one program per unit, float32 sum of squares over the row in
-     chunks, then ``sqrt_rn`` (IEEE square root).  Reads W once.  The summation order
-     differs from the reference's, so norms may differ in the last bits: SPEC section 10
-     allows unit results to differ only where two norms are within 1e-6 relative at the
-     threshold.
+  1. ``_row_norms_kernel``: one program per unit reads the row once in chunks, summing the
+     squares in float64 (exact squares, BLOCK lane sums, then a tree sum), then an IEEE
+     float64 sqrt rounded once to float32, as ``reference.unit_norms``.  The summation order
+     differs from the reference's, but float64 sums agree to ~F * 2**-53 relative, far below
+     a float32 ulp: the float32 norms are the reference's bit for bit unless a sum lies that
+     close to a float32 rounding boundary (so backends rank the same units; float32 sums
+     used to differ by up to 1e-5 relative at F = 2**22).
   2. selection over the U norms with torch ops on the U-vector (U is small): keys are the
      float32 bit patterns with the sign bit cleared (NaN above +inf, as
      ``reference.unit_keep``), the threshold key is found by ``torch.sort`` (O(U log U),
@@ -21,27 +23,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KEY_MAX, _dropped, _to_f32, check_drop_threshold, check_seed, check_w2d,
-                      device_guard)
+from ._common import (KEY_MAX, MAX_GRID_1, _dropped, _to_f32, check_count, check_drop_threshold,
+                      check_seed, check_w2d, device_guard, num_warps)
 
 __all__ = ["unit_dropout", "unit_dropout_backward"]
 
 NORM_BLOCK = 4096      # elements per iteration of the norm kernel
 ROWS_BLOCK = 4096      # elements per iteration of the row-select kernel
 KEEP_GROUPS = 256      # 4-unit groups per program of the keep kernel
-_MAX_GRID_1 = 65535
 
 
 @triton.jit
 def _row_norms_kernel(w_ptr, norm_ptr, F, BLOCK: tl.constexpr):
     u = tl.program_id(0).to(tl.int64)
     start = u * F
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for c in range(0, F, BLOCK):
         j = c + tl.arange(0, BLOCK)
-        x = _to_f32(tl.load(w_ptr + start + j, mask=j < F, other=0))
-        acc += x * x
-    tl.store(norm_ptr + u, tl.sqrt_rn(tl.sum(acc, 0)))
+        x = _to_f32(tl.load(w_ptr + start + j, mask=j < F, other=0)).to(tl.float64)
+        acc += x * x  # exact: a float32's square fits float64's 53 bits
+    s = tl.sum(acc, 0)
+    # float64 tl.sqrt is IEEE (PTX sqrt.rn.f64; only float32 tl.sqrt is approximate), then one
+    # rounding to float32. A NaN sum's payload depends on the summation order: every NaN norm
+    # becomes the canonical quiet NaN 0x7FC00000, as td_core.h's norm_from_sum.
+    nan = tl.full([], 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    tl.store(norm_ptr + u, tl.where(s != s, nan, tl.sqrt(s).to(tl.float32)))
 
 
 @triton.jit(do_not_specialize=["seed", "D"])
@@ -65,31 +71,28 @@ def _rows_where_kernel(x_ptr, keep_ptr, out_ptr, F, BLOCK: tl.constexpr):
         tl.store(out_ptr + u * F + j, x, mask=j < F)
 
 
-def _num_warps(elements: int) -> int:
-    return max(1, min(8, elements // 256))
-
-
 def _rows_where(x2d: torch.Tensor, keep_u8: torch.Tensor) -> torch.Tensor:
     U, F = x2d.shape
     out = torch.empty_like(x2d)
     if out.numel() == 0:
         return out
     block = min(ROWS_BLOCK, triton.next_power_of_2(F))
-    grid = (U, min(_MAX_GRID_1, triton.cdiv(F, block)))
+    grid = (U, min(MAX_GRID_1, triton.cdiv(F, block)))
     with device_guard(x2d):
-        _rows_where_kernel[grid](x2d, keep_u8, out, F, BLOCK=block, num_warps=_num_warps(block))
+        _rows_where_kernel[grid](x2d, keep_u8, out, F, BLOCK=block, num_warps=num_warps(block))
     return out
 
 
 def unit_norms(w2d: torch.Tensor) -> torch.Tensor:
-    """float32 L2 norm of each row (sum of squares in float32, then sqrt)."""
+    """L2 norm of each row as ``reference.unit_norms``: squares summed in float64, sqrt in
+    float64, rounded once to float32."""
     U, F = w2d.shape
     norms = torch.empty(U, dtype=torch.float32, device=w2d.device)
     if U == 0:
         return norms
     block = min(NORM_BLOCK, triton.next_power_of_2(max(F, 1)))
     with device_guard(w2d):
-        _row_norms_kernel[(U,)](w2d, norms, F, BLOCK=block, num_warps=_num_warps(block))
+        _row_norms_kernel[(U,)](w2d, norms, F, BLOCK=block, num_warps=num_warps(block))
     return norms
 
 
@@ -109,8 +112,7 @@ def unit_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int):
     check_w2d(w2d)
     seed, D = check_seed(seed), check_drop_threshold(drop_threshold)
     U, F = w2d.shape
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= U:
-        raise ValueError(f"k must be an int in [0, U={U}], got {k!r}")
+    check_count(k, U, "U")
     keep = torch.empty(U, dtype=torch.uint8, device=w2d.device)
     if U == 0:
         return w2d.clone(), keep.view(torch.bool)

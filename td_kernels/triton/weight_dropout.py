@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KEY_MAX, _dropped, _key, check_drop_threshold, check_seed, check_w2d,
-                      device_guard)
+from ._common import (KEY_MAX, MAX_GRID_1, _dropped, _key, check_count, check_drop_threshold,
+                      check_seed, check_w2d, device_guard, num_warps)
 
 __all__ = ["weight_dropout", "weight_dropout_backward"]
 
@@ -38,7 +38,6 @@ __all__ = ["weight_dropout", "weight_dropout_backward"]
 MAX_ONE_PASS_GROUPS = 2048   # rows up to 8189 elements are selected from registers
 CHUNK_GROUPS = 1024          # elements per chunk of the streamed path: 4 * this
 BACKWARD_GROUPS = 1024       # elements per backward program iteration: 4 * this
-_MAX_GRID_1 = 65535          # CUDA limit on grid axis 1
 
 
 @triton.jit
@@ -148,17 +147,12 @@ def _weight_dropout_backward_kernel(g_ptr, w_ptr, limit_ptr, out_ptr, seed: tl.i
         tl.store(out_ptr + i, g, mask=valid)
 
 
-def _num_warps(elements: int) -> int:
-    return max(1, min(8, elements // 256))
-
-
 def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int):
     """SPEC weight targeting on ``w2d = w.reshape(U, F)``; returns ``(out2d, limit)``."""
     check_w2d(w2d)
     seed, D = check_seed(seed), check_drop_threshold(drop_threshold)
     U, F = w2d.shape
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= F:
-        raise ValueError(f"k must be an int in [0, F={F}], got {k!r}")
+    check_count(k, F, "F")
     if k == 0 or U == 0:  # no candidates: W unchanged (checked before k == F so F == 0 lands here)
         return w2d.clone(), torch.full((U,), -1, dtype=torch.int32, device=w2d.device)
     out = torch.empty_like(w2d)
@@ -169,7 +163,7 @@ def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int):
     with device_guard(w2d):
         _weight_dropout_kernel[(U,)](
             w2d, out, limit, seed, D, F, k, KEY_MAX,
-            SELECT=k < F, ONE_PASS=one_pass, BLOCK_Q=block_q, num_warps=_num_warps(4 * block_q))
+            SELECT=k < F, ONE_PASS=one_pass, BLOCK_Q=block_q, num_warps=num_warps(4 * block_q))
     return out, limit
 
 
@@ -190,9 +184,9 @@ def weight_dropout_backward(grad2d: torch.Tensor, w2d: torch.Tensor, limit: torc
     if out.numel() == 0:
         return out
     block_q = min(BACKWARD_GROUPS, triton.next_power_of_2(triton.cdiv(F + 3, 4)))
-    grid = (U, min(_MAX_GRID_1, triton.cdiv(triton.cdiv(F + 3, 4), block_q)))
+    grid = (U, min(MAX_GRID_1, triton.cdiv(triton.cdiv(F + 3, 4), block_q)))
     with device_guard(w2d):
         _weight_dropout_backward_kernel[grid](
             grad2d, w2d, limit.contiguous(), out, seed, D, F, BLOCK_Q=block_q,
-            num_warps=_num_warps(4 * block_q))
+            num_warps=num_warps(4 * block_q))
     return out
