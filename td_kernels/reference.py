@@ -3,7 +3,7 @@
 Clarity beats speed here: every kernel in the library is tested bit for bit against these
 functions. They run on any device torch supports and handle a 4096x4096 float32 weight in a
 few seconds on a 2-core CPU (3.5-6 s measured; Philox on int64 tensors is most of it).
-Section numbers refer to ../shared/SPEC.md.
+Section numbers refer to docs/SPEC.md.
 """
 from __future__ import annotations
 
