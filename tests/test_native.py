@@ -139,6 +139,18 @@ def test_unit_nan_inf_norms(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("F", [31, 35, 36, 95, 96, 99, 131, 193, 291])
+def test_fused_apply_tile_edges(F, dtype, device):
+    """The CPU apply loop (AVX2 where present) goes scalar to a 4-aligned position, then 96-
+    and 32-position register tiles, then scalar again; odd F puts every row at another offset
+    mod 4, and a seed with both 32-bit halves set exercises every key word."""
+    w = torch.randn(5, F, generator=torch.Generator().manual_seed(F)).to(dtype)
+    for targ, drop in [(0.5, 0.3), (0.8, 0.9), (1.0, 1.0), (0.5, 1.0)]:
+        check_weight(w, 0x9E3779B97F4A7C15 >> 1, targ, drop, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_long_row(device):
     w = torch.randn(1, 10**6, generator=torch.Generator().manual_seed(1))
     check_weight(w, 123456789, 0.3, 0.5, device)
