@@ -14,6 +14,8 @@ _registry.register(Backend(
     priority={"cpu": 0, "cuda": 0, "mps": 0, "xpu": 0},
     weight_dropout=reference.weight_dropout,
     weight_dropout_backward=reference.weight_dropout_backward,
+    nm_dropout=reference.nm_dropout,
+    nm_dropout_backward=reference.nm_dropout_backward,
     unit_dropout=reference.unit_dropout,
     unit_dropout_backward=reference.unit_dropout_backward,
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
@@ -32,7 +34,8 @@ except Exception as e:  # extension not built, or built against another torch
                           "`pip install --no-build-isolation -e .` after installing torch")
 
 from . import ops  # noqa: E402  (registers the torch.library ops)
-from .api import prune_units, prune_weights, targeted_unit_dropout, targeted_weight_dropout  # noqa: E402
+from .api import (prune_nm, prune_units, prune_weights, targeted_nm_dropout, targeted_unit_dropout,  # noqa: E402
+                  targeted_weight_dropout)
 from . import nn  # noqa: E402
 from .nn import TargetedDropout, apply_targeted_dropout, remove_targeted_dropout  # noqa: E402
 from .schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate  # noqa: E402
@@ -40,7 +43,8 @@ from .pruning import TargetedPruning, prune_model, sparsity_report  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "targeted_weight_dropout", "targeted_unit_dropout", "prune_weights", "prune_units",
+    "targeted_weight_dropout", "targeted_unit_dropout", "targeted_nm_dropout", "prune_weights", "prune_units",
+    "prune_nm",
     "available_backends", "reference", "ops", "Backend",
     "nn", "TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout",
     "RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "TargetedPruning", "prune_model", "sparsity_report",

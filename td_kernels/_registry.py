@@ -3,20 +3,40 @@
 A backend is a set of launchers that compute the functions of SPEC.md on 2-D views
 ``w2d = w.reshape(U, F)`` (contiguous, float16/bfloat16/float32, float64 where the backend
 says so). Backends register themselves when their module imports; the public functions never
-branch on backend names. Every launcher takes plain tensors and Python ints:
+branch on backend names. One launcher per targeting kind and direction; what varies inside a
+kind (where the block sits in a global weight, whether the forward writes a mask) is an
+argument, never another launcher. Every launcher takes plain tensors and Python ints:
 
-``weight_dropout(w2d, seed, k, drop_threshold) -> (out2d, limit)``
-    ``k = count(targ_rate, F)``, ``drop_threshold = D = floor(drop_rate * 2**32)`` (0..2**32),
-    ``seed`` a Python int in [0, 2**63). ``out2d`` has w2d's shape and dtype, contiguous.
-    ``limit`` is int32 ``[U]``: element (u, j) is a candidate iff ``key(w[u, j]) <= limit[u]``,
-    i.e. ``limit[u] = t_u - 1`` with ``-1`` when k == 0 and ``0x7FFFFFFF`` when k == F. Keys
-    never exceed 0x7FFFFFFF, so 4 bytes per unit hold every case.
-``weight_dropout_backward(grad2d, w2d, limit, seed, drop_threshold) -> grad_w2d``
-    ``grad_w = where(keep, grad, +0.0)``, keep recomputed from W's keys, ``limit`` and the seed.
-``unit_dropout(w2d, seed, k, drop_threshold) -> (out2d, keep)``
+``weight_dropout(w2d, seed, k, D, *, window=None, limit=None, bits=False) -> (out2d, limit, bits)``
+    ``k = count(targ_rate, F)``, ``D = floor(drop_rate * 2**32)`` (0..2**32), ``seed`` a Python
+    int in [0, 2**63). ``out2d`` has w2d's shape and dtype, contiguous. ``limit`` is int32
+    ``[U]``: element (u, j) is a candidate iff ``key(w[u, j]) <= limit[u]``, i.e. ``limit[u] =
+    t_u - 1`` with ``-1`` when k == 0 and ``0x7FFFFFFF`` when k == F. A ``limit`` passed in is
+    used as is and returned (no selection; k unused): the sharded path finds thresholds of rows
+    split across ranks with a collective and then runs the same fused kernel.
+``weight_dropout_backward(grad2d, w2d, limit, seed, D, *, window=None, bits=None) -> grad_w2d``
+    ``grad_w = where(keep, grad, +0.0)``: keep read from ``bits`` when given (``w2d`` and
+    ``limit`` may then be None), else recomputed from W's keys, ``limit`` and the seed.
+``nm_dropout(w2d, seed, n, m, D, *, window=None, bits=False) -> (out2d, bits)``
+    SPEC section 11; ``m`` divides F (and the window's column offset).
+``nm_dropout_backward(grad2d, w2d, seed, n, m, D, *, window=None, bits=None) -> grad_w2d``
+``unit_dropout(w2d, seed, k, D) -> (out2d, keep)``
     ``k = count(targ_rate, U)``; ``keep`` is bool ``[U]`` (True = row kept).
 ``unit_dropout_backward(grad2d, keep) -> grad_w2d``
     ``grad_w = where(keep[:, None], grad, +0.0)``.
+
+The shared arguments:
+
+``window``  None (the whole weight) or ``reference.Window(origin, row_stride)``: local element
+    (u, j) sits at global stream position ``origin + u * row_stride + j`` (SPEC section 12).
+    Keys, thresholds and N:M groups are those of the local block; only the Philox positions
+    move. A backend passes ``reference.check_window`` on it.
+``bits``    the mask format. ``bits=True`` asks the forward to also write the keep mask packed
+    1 bit per element, int32 ``[U, ceil(F / 32)]``, bit ``j % 32`` of word ``[u, j // 32]``
+    (1 = kept, padding bits 0: ``reference.pack_bits``), and ``bits=False`` returns None in its
+    place. The backward given that tensor reads only grad and the bits (4 bytes per 32
+    elements); without it, it recomputes the mask from W (SPEC section 7 allows both, and
+    every backend must give the same bits either way).
 """
 from __future__ import annotations
 
@@ -35,6 +55,8 @@ class Backend:
     priority: dict
     weight_dropout: Callable
     weight_dropout_backward: Callable
+    nm_dropout: Callable
+    nm_dropout_backward: Callable
     unit_dropout: Callable
     unit_dropout_backward: Callable
     dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32)

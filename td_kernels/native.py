@@ -17,7 +17,7 @@ import importlib.util
 
 import torch
 
-from ._registry import Backend, register
+from ._registry import Backend, device_present, register
 
 if importlib.util.find_spec(__package__ + "._C") is None:  # say "not built", not "circular import"
     raise ImportError("td_kernels._C is not built")
@@ -30,12 +30,28 @@ WITH_CUDA = bool(_C.WITH_CUDA)
 _ops = torch.ops.td_kernels_native
 
 
-def weight_dropout(w2d, seed: int, k: int, drop_threshold: int):
-    return _ops.weight_dropout(w2d, seed, k, drop_threshold)
+def _not_yet(what):
+    raise NotImplementedError(f"backend 'native' does not implement {what} yet")
 
 
-def weight_dropout_backward(grad2d, w2d, limit, seed: int, drop_threshold: int):
+def weight_dropout(w2d, seed: int, k: int, drop_threshold: int, *, window=None, limit=None, bits=False):
+    if window is not None or limit is not None or bits:
+        _not_yet("windows, given limits or bit masks")
+    out, lim = _ops.weight_dropout(w2d, seed, k, drop_threshold)
+    return out, lim, None
+
+
+def weight_dropout_backward(grad2d, w2d, limit, seed: int, drop_threshold: int, *, window=None, bits=None):
+    if window is not None or bits is not None:
+        _not_yet("windows or bit masks")
     return _ops.weight_dropout_backward(grad2d, w2d, limit, seed, drop_threshold)
+
+
+def nm_dropout(*args, **kwargs):
+    _not_yet("N:M targeting")
+
+
+nm_dropout_backward = nm_dropout
 
 
 def unit_dropout(w2d, seed: int, k: int, drop_threshold: int):
@@ -73,7 +89,10 @@ register(Backend(
     priority={"cpu": 10, **({"cuda": 10} if WITH_CUDA else {})},
     weight_dropout=weight_dropout,
     weight_dropout_backward=weight_dropout_backward,
+    nm_dropout=nm_dropout,
+    nm_dropout_backward=nm_dropout_backward,
     unit_dropout=unit_dropout,
     unit_dropout_backward=unit_dropout_backward,
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    gate=device_present,  # built with CUDA kernels is not a GPU being here
 ))

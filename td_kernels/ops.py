@@ -1,30 +1,50 @@
-"""The torch.library ops: one schema per function, dispatched to a backend through the registry.
+"""The torch.library ops: one op per targeting kind (weight, N:M, unit) and its backward,
+dispatched to a backend through the registry.
 
 Each op is opaque to torch.compile (a custom op with a fake impl), so a model using it traces
-with no graph break on any backend. The random and count arguments travel as one int64 CPU
-tensor ``params = (seed, k, drop_threshold)``: a new seed or a changed rate is new data, never
-a new graph. Backward (SPEC section 7) saves the weight, which is the parameter itself (no copy),
-``params`` and 4 bytes per unit (weight targeting: the int32 limit key) or 1 byte per unit (unit
-targeting: the keep flag): no per-element mask is ever stored.
+with no graph break on any backend. The random, count and window arguments travel as one
+int64 CPU tensor ``params``: a new seed or a changed rate is new data, never a new graph.
+
+``mask`` (a str, part of the graph) picks what the backward reads (SPEC section 7):
+  ``"bits"``       the forward also writes the keep mask, 1 bit per element (int32
+                   ``[U, ceil(F/32)]``, ``reference.pack_bits``); autograd keeps those bits and
+                   ``params``, and the backward reads only grad and the bits.
+  ``"recompute"``  autograd keeps the weight (the parameter itself, no copy), ``params`` and 4
+                   bytes per unit (weight targeting's int32 limit key); the backward
+                   recomputes the mask from W: no per-element state at all.
+Unit targeting keeps 1 byte per unit (its keep flags) either way: that already is its mask.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ._registry import resolve
+from .reference import Window, bits_words
 
-__all__ = ["weight_dropout", "weight_dropout_backward", "unit_dropout", "unit_dropout_backward", "PARAMS"]
+__all__ = ["weight_dropout", "weight_dropout_backward", "nm_dropout", "nm_dropout_backward",
+           "unit_dropout", "unit_dropout_backward", "MASKS", "WEIGHT_PARAMS", "NM_PARAMS", "UNIT_PARAMS"]
 
-PARAMS = "(seed, k, drop_threshold)"
+MASKS = ("bits", "recompute")
+WEIGHT_PARAMS = "(seed, k, drop_threshold, origin, row_stride)"
+NM_PARAMS = "(seed, drop_threshold, origin, row_stride)"
+UNIT_PARAMS = "(seed, k, drop_threshold)"
 
 
-def _unpack(params: Tensor) -> tuple[int, int, int]:
-    if params.device.type != "cpu" or params.dtype != torch.int64 or params.shape != (3,):
-        raise ValueError(f"params must be an int64 CPU tensor {PARAMS} of shape (3,), got {params.dtype} "
+def _unpack(params: Tensor, layout: str) -> list[int]:
+    n = layout.count(",") + 1
+    if params.device.type != "cpu" or params.dtype != torch.int64 or params.shape != (n,):
+        raise ValueError(f"params must be an int64 CPU tensor {layout} of shape ({n},), got {params.dtype} "
                          f"{tuple(params.shape)} on {params.device}")
-    seed, k, drop_threshold = params.tolist()  # a CPU tensor: no device synchronisation
-    return seed, k, drop_threshold
+    return params.tolist()  # a CPU tensor: no device synchronisation
+
+
+def _check_mask(mask: str) -> bool:
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    return mask == "bits"
 
 
 def _as_2d(x: Tensor) -> Tensor:
@@ -32,65 +52,157 @@ def _as_2d(x: Tensor) -> Tensor:
     return x.reshape(U, x.numel() // U if U else 0)
 
 
+def _fan_in(x: Tensor) -> int:
+    return x.numel() // x.shape[0] if x.shape[0] else 0
+
+
+def _window(origin: int, row_stride: int, F: int) -> Optional[Window]:
+    return None if (origin, row_stride) == (0, F) else Window(origin, row_stride)
+
+
+def _empty_bits(w: Tensor) -> Tensor:
+    return w.new_empty((0,), dtype=torch.int32)
+
+
+def _fake_bits(w: Tensor, mask: str) -> Tensor:
+    return w.new_empty((w.shape[0], bits_words(_fan_in(w))), dtype=torch.int32) if mask == "bits" else _empty_bits(w)
+
+
+def _fake_out(w: Tensor) -> Tensor:
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
 # ---- weight targeting --------------------------------------------------------------------
 @torch.library.custom_op("td_kernels::weight_dropout", mutates_args=())
-def weight_dropout(w: Tensor, params: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    seed, k, drop_threshold = _unpack(params)
+def weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str,
+                   limit: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, limit, bits)``; ``limit`` given skips the selection (the sharded path)."""
+    seed, k, D, origin, row_stride = _unpack(params, WEIGHT_PARAMS)
+    want_bits = _check_mask(mask)
+    U, F = w.shape[0], _fan_in(w)
     if w.numel() == 0:
-        return w.clone(), torch.full((w.shape[0],), -1, dtype=torch.int32, device=w.device)
+        lim = limit.clone() if limit is not None else torch.full((U,), -1, dtype=torch.int32, device=w.device)
+        bits = torch.zeros((U, bits_words(F)), dtype=torch.int32, device=w.device) if want_bits else _empty_bits(w)
+        return w.clone(), lim, bits
     b = resolve(backend, w.device, w.dtype)
-    out, limit = b.weight_dropout(_as_2d(w.contiguous()), seed, k, drop_threshold)
-    return out.view(w.shape), limit
+    out, lim, bits = b.weight_dropout(_as_2d(w.contiguous()), seed, k, D, window=_window(origin, row_stride, F),
+                                      limit=limit, bits=want_bits)
+    if limit is not None and lim.data_ptr() == limit.data_ptr():
+        lim = lim.clone()  # an op's output may not alias its input
+    return out.view(w.shape), lim, bits if want_bits else _empty_bits(w)
 
 
 @weight_dropout.register_fake
-def _(w, params, backend):
-    return torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty((w.shape[0],), dtype=torch.int32)
+def _(w, params, backend, mask, limit=None):
+    return _fake_out(w), w.new_empty((w.shape[0],), dtype=torch.int32), _fake_bits(w, mask)
 
 
 @torch.library.custom_op("td_kernels::weight_dropout_backward", mutates_args=())
-def weight_dropout_backward(grad: Tensor, w: Tensor, limit: Tensor, params: Tensor, backend: str) -> Tensor:
-    seed, _k, drop_threshold = _unpack(params)
+def weight_dropout_backward(grad: Tensor, w: Optional[Tensor], limit: Tensor, bits: Tensor, params: Tensor,
+                            backend: str, mask: str) -> Tensor:
+    seed, _k, D, origin, row_stride = _unpack(params, WEIGHT_PARAMS)
+    use_bits = _check_mask(mask)
     if grad.numel() == 0:
         return grad.clone()
-    b = resolve(backend, w.device, w.dtype)
-    out = b.weight_dropout_backward(_as_2d(grad.contiguous()), _as_2d(w.contiguous()), limit, seed, drop_threshold)
+    b = resolve(backend, grad.device, grad.dtype)
+    F = _fan_in(grad)
+    out = b.weight_dropout_backward(_as_2d(grad.contiguous()), None if use_bits else _as_2d(w.contiguous()),
+                                    limit, seed, D, window=_window(origin, row_stride, F),
+                                    bits=bits if use_bits else None)
     return out.view(grad.shape)
 
 
 @weight_dropout_backward.register_fake
-def _(grad, w, limit, params, backend):
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+def _(grad, w, limit, bits, params, backend, mask):
+    return _fake_out(grad)
 
 
 def _weight_setup_context(ctx, inputs, output):
-    w, params, backend = inputs
-    ctx.save_for_backward(w, output[1], params)
-    ctx.backend = backend
+    w, params, backend, mask, _limit = inputs
+    _out, limit, bits = output
+    ctx.mask, ctx.backend = mask, backend
+    # "bits": the weight is not needed by the backward, so autograd does not keep it
+    ctx.save_for_backward(None if mask == "bits" else w, limit, bits, params)
 
 
-def _weight_backward(ctx, grad_out, _grad_limit):
-    w, limit, params = ctx.saved_tensors
-    return weight_dropout_backward(grad_out, w, limit, params, ctx.backend), None, None
+def _weight_backward(ctx, grad_out, _grad_limit, _grad_bits):
+    w, limit, bits, params = ctx.saved_tensors
+    return weight_dropout_backward(grad_out, w, limit, bits, params, ctx.backend, ctx.mask), None, None, None, None
 
 
 weight_dropout.register_autograd(_weight_backward, setup_context=_weight_setup_context)
 
 
+# ---- N:M targeting -----------------------------------------------------------------------
+@torch.library.custom_op("td_kernels::nm_dropout", mutates_args=())
+def nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: str) -> tuple[Tensor, Tensor]:
+    """``(out, bits)`` of SPEC section 11."""
+    seed, D, origin, row_stride = _unpack(params, NM_PARAMS)
+    want_bits = _check_mask(mask)
+    F = _fan_in(w)
+    if w.numel() == 0:
+        bits = torch.zeros((w.shape[0], bits_words(F)), dtype=torch.int32, device=w.device) if want_bits \
+            else _empty_bits(w)
+        return w.clone(), bits
+    b = resolve(backend, w.device, w.dtype)
+    out, bits = b.nm_dropout(_as_2d(w.contiguous()), seed, n, m, D, window=_window(origin, row_stride, F),
+                             bits=want_bits)
+    return out.view(w.shape), bits if want_bits else _empty_bits(w)
+
+
+@nm_dropout.register_fake
+def _(w, params, n, m, backend, mask):
+    return _fake_out(w), _fake_bits(w, mask)
+
+
+@torch.library.custom_op("td_kernels::nm_dropout_backward", mutates_args=())
+def nm_dropout_backward(grad: Tensor, w: Optional[Tensor], bits: Tensor, params: Tensor, n: int, m: int,
+                        backend: str, mask: str) -> Tensor:
+    seed, D, origin, row_stride = _unpack(params, NM_PARAMS)
+    use_bits = _check_mask(mask)
+    if grad.numel() == 0:
+        return grad.clone()
+    b = resolve(backend, grad.device, grad.dtype)
+    out = b.nm_dropout_backward(_as_2d(grad.contiguous()), None if use_bits else _as_2d(w.contiguous()), seed, n,
+                                m, D, window=_window(origin, row_stride, _fan_in(grad)),
+                                bits=bits if use_bits else None)
+    return out.view(grad.shape)
+
+
+@nm_dropout_backward.register_fake
+def _(grad, w, bits, params, n, m, backend, mask):
+    return _fake_out(grad)
+
+
+def _nm_setup_context(ctx, inputs, output):
+    w, params, n, m, backend, mask = inputs
+    ctx.n, ctx.m, ctx.backend, ctx.mask = n, m, backend, mask
+    ctx.save_for_backward(None if mask == "bits" else w, output[1], params)
+
+
+def _nm_backward(ctx, grad_out, _grad_bits):
+    w, bits, params = ctx.saved_tensors
+    grad = nm_dropout_backward(grad_out, w, bits, params, ctx.n, ctx.m, ctx.backend, ctx.mask)
+    return grad, None, None, None, None, None
+
+
+nm_dropout.register_autograd(_nm_backward, setup_context=_nm_setup_context)
+
+
 # ---- unit targeting ----------------------------------------------------------------------
 @torch.library.custom_op("td_kernels::unit_dropout", mutates_args=())
 def unit_dropout(w: Tensor, params: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    seed, k, drop_threshold = _unpack(params)
+    seed, k, D = _unpack(params, UNIT_PARAMS)
     if w.numel() == 0:
         return w.clone(), torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
     b = resolve(backend, w.device, w.dtype)
-    out, keep = b.unit_dropout(_as_2d(w.contiguous()), seed, k, drop_threshold)
+    out, keep = b.unit_dropout(_as_2d(w.contiguous()), seed, k, D)
     return out.view(w.shape), keep
 
 
 @unit_dropout.register_fake
 def _(w, params, backend):
-    return torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty((w.shape[0],), dtype=torch.bool)
+    return _fake_out(w), w.new_empty((w.shape[0],), dtype=torch.bool)
 
 
 @torch.library.custom_op("td_kernels::unit_dropout_backward", mutates_args=())
@@ -103,7 +215,7 @@ def unit_dropout_backward(grad: Tensor, keep: Tensor, backend: str) -> Tensor:
 
 @unit_dropout_backward.register_fake
 def _(grad, keep, backend):
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+    return _fake_out(grad)
 
 
 def _unit_setup_context(ctx, inputs, output):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 from . import ops, reference
-from .api import _params
+from .api import unit_params, weight_params
 from .nn import LAST_LINEAR, LAYER_TYPES, _check_mode, _check_rate, _has_ours, prunable_layers
 
 __all__ = ["TargetedPruning", "prune_model", "sparsity_report", "SparsityReport", "LayerSparsity"]
@@ -46,12 +46,11 @@ class TargetedPruning(prune.BasePruningMethod):
         w = (t * default_mask).detach()  # the weight as currently pruned (what `weight` holds)
         w2d = w.reshape(w.shape[0], -1)
         n = w2d.shape[1] if self.mode == "weight" else w2d.shape[0]
-        params = _params(0, 1.0, self.rate, n)
         if self.mode == "weight":
-            _, limit = ops.weight_dropout(w2d, params, self.backend)
+            _, limit, _ = ops.weight_dropout(w2d, weight_params(0, 1.0, self.rate, n), self.backend, "recompute")
             kept = reference.rank_keys(w2d) > limit.to(torch.int64)[:, None]
         else:
-            _, keep = ops.unit_dropout(w2d, params, self.backend)
+            _, keep = ops.unit_dropout(w2d, unit_params(0, 1.0, self.rate, n), self.backend)
             kept = keep[:, None].expand_as(w2d)
         return kept.reshape(t.shape).to(default_mask.dtype) * default_mask
 

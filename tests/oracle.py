@@ -103,3 +103,19 @@ def make_weight(shape, dtype, style, seed):
         nan_bits = torch.from_numpy((sign + exp_bits + payload).astype(np.int16).reshape(shape))
         w = torch.where(torch.from_numpy(rng.random(shape) < 0.15), nan_bits.view(dtype), w)
     return w
+
+
+def nm_keep(w2d, seed, drop_rate, n, m, origin=0, row_stride=None):
+    """Bool numpy [U, F] keep mask of N:M targeting: sort each group by (key, j), scalar words
+    at the global positions origin + u * row_stride + j."""
+    w2d = np.asarray(w2d)
+    U, F = w2d.shape
+    row_stride = F if row_stride is None else row_stride
+    D = int(np.floor(drop_rate * 2**32))
+    keep = np.ones((U, F), dtype=bool)
+    for u in range(U):
+        ks = keys(w2d[u])
+        for g in range(0, F, m):
+            for j in sorted(range(g, g + m), key=lambda j: (ks[j], j))[: m - n]:
+                keep[u, j] = not word(seed, origin + u * row_stride + j) < D
+    return keep

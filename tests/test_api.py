@@ -149,15 +149,26 @@ def test_grad_is_grad_out_times_keep(backend, dtype):
         oracle.assert_bits_equal(w.grad, torch.where(keep, g, torch.zeros((), dtype=dtype)))
 
 
-def test_backward_saves_no_element_mask():
-    w = torch.randn(32, 48, requires_grad=True)
+def _saved_bytes(fn, w):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        td.targeted_weight_dropout(w, 0.5, 0.5, seed=1)
-        td.targeted_unit_dropout(w, 0.5, 0.5, seed=1)
+        fn(w)
     extra = [t for t in saved if t is not w and t.data_ptr() != w.data_ptr()]
-    # per unit: a 4-byte limit (weight) and a 1-byte keep flag (unit); per call: params, 3 int64
-    assert sum(t.numel() * t.element_size() for t in extra) <= 4 * 32 + 1 * 32 + 24
+    return sum(t.numel() * t.element_size() for t in extra), any(t is w for t in saved)
+
+
+def test_backward_saves_no_element_mask():
+    w = torch.randn(32, 48, requires_grad=True)
+    # recompute: per unit a 4-byte limit (weight), per call params (5 int64); the weight itself
+    got, keeps_w = _saved_bytes(lambda w: td.targeted_weight_dropout(w, 0.5, 0.5, seed=1, mask="recompute"), w)
+    assert got <= 4 * 32 + 40 and keeps_w
+    # unit: a 1-byte keep flag per unit, params (3 int64)
+    assert _saved_bytes(lambda w: td.targeted_unit_dropout(w, 0.5, 0.5, seed=1), w)[0] <= 32 + 24
+    for fn in (lambda w: td.targeted_weight_dropout(w, 0.5, 0.5, seed=1, mask="bits", backend="reference"),
+               lambda w: td.targeted_nm_dropout(w, 0.5, seed=1, mask="bits", backend="reference")):
+        # bits: 1 bit per element (rows padded to 32 bits) + the limit + params; not the weight
+        got, keeps_w = _saved_bytes(fn, w)
+        assert got <= 32 * 4 * 2 + 4 * 32 + 40 and not keeps_w
 
 
 # ---- bad input ---------------------------------------------------------------------------
@@ -225,18 +236,31 @@ def test_nan_inf_weights_never_crash():
 
 # ---- torch.library and torch.compile -----------------------------------------------------
 def _op_samples():
-    params = torch.tensor([12, 3, 2**31], dtype=torch.int64)
+    wparams = torch.tensor([12, 3, 2**31, 0, 8], dtype=torch.int64)   # (seed, k, D, origin, row_stride)
+    nparams = torch.tensor([12, 2**31, 8 + 4, 12], dtype=torch.int64)  # (seed, D, origin, row_stride)
+    uparams = torch.tensor([12, 3, 2**31], dtype=torch.int64)
     for dtype in (torch.float32, torch.float64):
-        w = torch.randn(5, 7, dtype=dtype, requires_grad=True)
-        yield torch.ops.td_kernels.weight_dropout, (w, params, "reference")
-        yield torch.ops.td_kernels.unit_dropout, (w, params, "reference")
-    g, w = torch.randn(5, 7), torch.randn(5, 7)
-    limit = torch.ops.td_kernels.weight_dropout(w, params, "reference")[1]
-    yield torch.ops.td_kernels.weight_dropout_backward, (g, w, limit, params, "reference")
+        w = torch.randn(5, 8, dtype=dtype, requires_grad=True)
+        for mask in ("bits", "recompute"):
+            yield torch.ops.td_kernels.weight_dropout, (w, wparams, "reference", mask)
+            yield torch.ops.td_kernels.nm_dropout, (w, nparams, 2, 4, "reference", mask)
+        yield torch.ops.td_kernels.weight_dropout, (w, wparams, "reference", "recompute",
+                                                    torch.full((5,), 2**29, dtype=torch.int32))
+        yield torch.ops.td_kernels.unit_dropout, (w, uparams, "reference")
+    g, w = torch.randn(5, 8), torch.randn(5, 8)
+    _, limit, bits = torch.ops.td_kernels.weight_dropout(w, wparams, "reference", "bits")
+    yield torch.ops.td_kernels.weight_dropout_backward, (g, w, limit, bits[:0], wparams, "reference", "recompute")
+    yield torch.ops.td_kernels.weight_dropout_backward, (g, None, limit, bits, wparams, "reference", "bits")
+    _, nbits = torch.ops.td_kernels.nm_dropout(w, nparams, 2, 4, "reference", "bits")
+    yield torch.ops.td_kernels.nm_dropout_backward, (g, w, nbits[:0], nparams, 2, 4, "reference", "recompute")
+    yield torch.ops.td_kernels.nm_dropout_backward, (g, None, nbits, nparams, 2, 4, "reference", "bits")
     yield torch.ops.td_kernels.unit_dropout_backward, (g, torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool), "reference")
 
 
-@pytest.mark.parametrize("i", range(6))
+OP_SAMPLES = len(list(_op_samples()))
+
+
+@pytest.mark.parametrize("i", range(OP_SAMPLES))
 def test_opcheck(i):
     op, args = list(_op_samples())[i]
     torch.library.opcheck(op, args)
@@ -320,5 +344,12 @@ def test_sparse_weight_is_refused():
 
 
 def test_ops_refuse_bad_params():
+    w = torch.randn(3, 4)
     with pytest.raises(ValueError, match="params"):
-        torch.ops.td_kernels.weight_dropout(torch.randn(3, 3), torch.tensor([1, 2]), "reference")
+        torch.ops.td_kernels.weight_dropout(w, torch.tensor([1, 2]), "reference", "bits")
+    with pytest.raises(ValueError, match="params"):
+        torch.ops.td_kernels.nm_dropout(w, torch.tensor([1, 2, 3, 4, 5]), 2, 4, "reference", "bits")
+    with pytest.raises(ValueError, match="mask"):
+        torch.ops.td_kernels.weight_dropout(w, torch.tensor([1, 2, 3, 0, 4]), "reference", "bytes")
+    with pytest.raises(ValueError, match="window"):  # a row of 4 does not fit a global row of 3
+        torch.ops.td_kernels.weight_dropout(w, torch.tensor([1, 2, 3, 0, 3]), "reference", "bits")

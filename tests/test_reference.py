@@ -49,7 +49,7 @@ def test_philox_words_high_counter_bits(seed, start):
 
 
 def test_worked_example_weight():
-    out, _ = R.weight_dropout(W_EXAMPLE, 7, R.count(0.5, 8), R.drop_threshold(0.5))
+    out, _, _ = R.weight_dropout(W_EXAMPLE, 7, R.count(0.5, 8), R.drop_threshold(0.5))
     oracle.assert_bits_equal(out, OUT_EXAMPLE)
 
 
@@ -96,7 +96,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
        targ_rate=st.sampled_from([0.0, 0.3, 0.5, 1.0]) | st.floats(0, 1))
 def test_weight_dropout_matches_oracle(U, F, dtype, style, data_seed, seed, drop_rate, targ_rate):
     w = oracle.make_weight((U, F), dtype, style, data_seed)
-    out, limit = R.weight_dropout(w, seed, R.count(targ_rate, F), R.drop_threshold(drop_rate))
+    out, limit, _ = R.weight_dropout(w, seed, R.count(targ_rate, F), R.drop_threshold(drop_rate))
     keep = torch.from_numpy(oracle.weight_keep(oracle.to_numpy(w), seed, drop_rate, targ_rate))
     oracle.assert_bits_equal(out, torch.where(keep, w, torch.zeros((), dtype=dtype)))
     grad = torch.randn(U, F, dtype=torch.float64).to(dtype)
@@ -123,8 +123,91 @@ def test_reference_handles_4096_square():
     g = torch.Generator().manual_seed(0)
     n = 4096 * 4096  # distinct magnitudes (exact in float32 below 2**24), random signs and order
     w = ((torch.randperm(n, generator=g) + 1).float() * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)).view(4096, 4096)
-    out, limit = R.weight_dropout(w, 3, R.count(0.5, 4096), R.drop_threshold(0.5))
+    out, limit, _ = R.weight_dropout(w, 3, R.count(0.5, 4096), R.drop_threshold(0.5))
     cand = R.rank_keys(w) <= limit.long()[:, None]
     assert cand.sum(1).eq(2048).all()  # distinct keys: exactly k candidates per unit
     frac = (out[cand] == 0).float().mean().item()
     assert abs(frac - 0.5) < 0.002 and torch.equal(out[~cand], w[~cand])
+
+
+# ---- windows (SPEC section 12), bit-packed masks (section 7), N:M (section 11) -------------
+@given(U=st.integers(1, 5), F=st.integers(1, 40), r0=st.integers(0, 7), extra=st.integers(0, 9),
+       c0=st.integers(0, 9), seed=st.integers(0, 2**63 - 1))
+def test_window_words_are_the_global_stream(U, F, r0, extra, c0, seed):
+    Fg = F + c0 + extra
+    got = R.window_words(seed, U, F, R.Window(r0 * Fg + c0, Fg))
+    glob = R.philox_words(seed, (r0 + U) * Fg).view(r0 + U, Fg)
+    assert torch.equal(got, glob[r0:, c0:c0 + F])
+
+
+@pytest.mark.parametrize("window,err", [((0, 3), ValueError), ((5, 8), ValueError), ((-1, 10), ValueError),
+                                        ((0.0, 10), TypeError), ([0, 10], TypeError), ((2**62, 10), ValueError)])
+def test_window_checks(window, err):
+    with pytest.raises(err, match="window"):
+        R.check_window(window, 2, 4)
+
+
+@given(U=st.integers(0, 4), F=st.integers(0, 70), data_seed=st.integers(0, 2**32 - 1))
+def test_pack_unpack_bits(U, F, data_seed):
+    keep = torch.from_numpy(np.random.default_rng(data_seed).random((U, F)) < 0.5)
+    bits = R.pack_bits(keep)
+    assert bits.dtype == torch.int32 and bits.shape == (U, (F + 31) // 32)
+    assert torch.equal(R.unpack_bits(bits, F), keep)
+    for u in range(U):  # bit j % 32 of word j // 32, padding zero
+        for w in range(bits.shape[1]):
+            val = int(bits[u, w]) & 0xFFFFFFFF
+            assert val == sum(int(keep[u, j]) << (j - 32 * w) for j in range(32 * w, min(F, 32 * w + 32)))
+
+
+@given(shape=st.sampled_from([(3, 8), (5, 33), (4, 64), (2, 7)]), style=st.sampled_from(oracle.STYLES),
+       data_seed=st.integers(0, 2**32 - 1), seed=st.integers(0, 2**63 - 1), drop_rate=st.floats(0, 1),
+       targ_rate=st.floats(0, 1))
+def test_weight_window_and_bits_match_the_global_op(shape, style, data_seed, seed, drop_rate, targ_rate):
+    w = oracle.make_weight(shape, torch.float32, style, data_seed)
+    U, F = shape
+    k, D = R.count(targ_rate, F), R.drop_threshold(drop_rate)
+    out, limit, bits = R.weight_dropout(w, seed, k, D, bits=True)
+    assert torch.equal(R.unpack_bits(bits, F), torch.from_numpy(oracle.weight_keep(w.numpy(), seed, drop_rate,
+                                                                                   targ_rate)))
+    # rows 1.. and columns 2..F-1 as a shard with the global thresholds: the same bits
+    c0, c1 = min(2, F - 1), F - 1 if F > 3 else F
+    blk, lim, b2 = R.weight_dropout(w[1:, c0:c1].contiguous(), seed, 0, D, window=R.Window(F + c0, F),
+                                    limit=limit[1:], bits=True)
+    oracle.assert_bits_equal(blk, out[1:, c0:c1])
+    assert torch.equal(lim, limit[1:])
+    assert torch.equal(R.unpack_bits(b2, c1 - c0), R.unpack_bits(bits, F)[1:, c0:c1])
+    g = torch.randn(shape)
+    assert torch.equal(R.weight_dropout_backward(g, None, None, seed, D, bits=bits),
+                       R.weight_dropout_backward(g, w, limit, seed, D))
+
+
+def test_nm_spec_example():
+    w = torch.tensor([[0.5, 0.1, -0.5, 2.0, 0.0, 3.0, -3.0, 1.0]])
+    out, _ = R.nm_dropout(w, 0, 2, 4, R.drop_threshold(1.0))
+    oracle.assert_bits_equal(out, torch.tensor([[0, 0, -0.5, 2.0, 0, 3.0, -3.0, 0]]))
+
+
+@given(nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 3), (5, 16), (1, 5)]),
+       U=st.integers(1, 4), groups=st.integers(1, 5), dtype=st.sampled_from([torch.float32, torch.float16,
+                                                                              torch.bfloat16]),
+       style=st.sampled_from(oracle.STYLES), data_seed=st.integers(0, 2**32 - 1), seed=st.integers(0, 2**63 - 1),
+       drop_rate=st.floats(0, 1), r0=st.integers(0, 3), c0g=st.integers(0, 2))
+def test_nm_against_oracle(nm, U, groups, dtype, style, data_seed, seed, drop_rate, r0, c0g):
+    n, m = nm
+    F = groups * m
+    w = oracle.make_weight((U, F), dtype, style, data_seed)
+    Fg = F + (c0g + 1) * m
+    window = R.Window(r0 * Fg + c0g * m, Fg)
+    out, bits = R.nm_dropout(w, seed, n, m, R.drop_threshold(drop_rate), window=window, bits=True)
+    keep = oracle.nm_keep(oracle.to_numpy(w), seed, drop_rate, n, m, window.origin, Fg)
+    assert torch.equal(R.unpack_bits(bits, F), torch.from_numpy(keep))
+    oracle.assert_bits_equal(out, torch.where(torch.from_numpy(keep), w, torch.zeros((), dtype=dtype)))
+    if drop_rate == 1.0:  # pruning: at most n non-zeros per group, exactly m - n dropped
+        assert (~torch.from_numpy(keep)).view(U, groups, m).sum(2).eq(m - n).all()
+
+
+@pytest.mark.parametrize("n,m,F,err", [(2, 4, 6, ValueError), (4, 4, 8, ValueError), (0, 4, 8, ValueError),
+                                       (2, 17, 34, ValueError), (2.0, 4, 8, TypeError), (2, True, 8, TypeError)])
+def test_nm_checks(n, m, F, err):
+    with pytest.raises(err):
+        R.check_nm(n, m, F)
