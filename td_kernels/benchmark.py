@@ -5,11 +5,15 @@ shape, dtype) it times each *provider*:
 
 * one per backend in ``td.available_backends(device)``, called through the public API with
   ``backend=name`` (the Triton interpreter is not a provider: on CPU it measures Python);
-* ``torch-kthvalue``: the unfused composite a user would write by hand (abs, kthvalue per row,
-  a torch.rand draw, masked_fill) -- the yardstick of "what you'd otherwise write";
+* ``torch-kthvalue``: the unfused composite a user would write by hand (abs, kthvalue per row
+  -- or an argsort per N:M group --, a torch.rand draw, masked_fill): "what you'd otherwise write";
 * ``dropout``: ``torch.nn.functional.dropout`` on the same tensor;
 * ``clone``: a plain copy, the floor for any one-pass op (always measured: the bandwidth
   fractions are relative to it).
+
+Our backends run weight and N:M targeting once per mask format (``--masks``, column ``mask``):
+``bits`` (the forward writes a 1-bit keep mask, the backward reads grad and the bits) and
+``recompute`` (the backward rebuilds the mask from W and the seed).
 
 Timing: CUDA uses ``triton.testing.do_bench`` (L2 flushed before every run; median and
 20/80% quantiles); CPU uses ``torch.utils.benchmark.Timer`` (``blocked_autorange``, or single
@@ -55,38 +59,49 @@ __all__ = ["main", "op_bytes", "copy_bytes", "compare_rows", "saved_bytes", "pro
 SHAPES = ("4096x4096", "11008x4096", "4096x11008", "512x512x3x3", "64x64x3x3", "256x1000000")
 QUICK_SHAPES = ("1024x1024", "64x64x3x3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPS = ("weight", "unit")
+OPS = ("weight", "unit", "nm")
+MASKS = ("bits", "recompute")
+NM = (2, 4)  # the N:M pattern benchmarked: 2:4, what sparse tensor cores run
 MODES = ("fwd", "bwd", "fwd+bwd")
 YARDSTICKS = ("torch-kthvalue", "dropout", "clone")
 COLUMNS = (
     "timestamp", "device_type", "device_name", "threads", "torch", "triton", "git_commit",
-    "op", "mode", "shape", "dtype", "provider", "drop_rate", "targ_rate",
+    "op", "mode", "shape", "dtype", "provider", "mask", "drop_rate", "targ_rate",
     "ms", "ms_p20", "ms_p80", "runs", "timer", "bytes", "gbps", "copy_gbps", "frac_copy",
     "speedup_vs_reference", "speedup_vs_dropout", "saved_bytes_per_elem", "peak_mb",
 )
 # what identifies "the same measurement" across runs for --compare
-KEY_COLUMNS = ("device_name", "threads", "op", "mode", "shape", "dtype", "provider", "drop_rate", "targ_rate")
+KEY_COLUMNS = ("device_name", "threads", "op", "mode", "shape", "dtype", "provider", "mask", "drop_rate",
+               "targ_rate")
 
 
 # ---- the bytes model ---------------------------------------------------------------------
-def op_bytes(op: str, mode: str, U: int, F: int, elem_size: int) -> int:
+def op_bytes(op: str, mode: str, U: int, F: int, elem_size: int, mask: str = "recompute") -> int:
     """Bytes targeted dropout must move, N = U*F elements of ``elem_size`` bytes:
 
     weight fwd: read W + write out (N each) + write the int32 limit (4 bytes/unit)
-    weight bwd: read grad + read W (keep is recomputed from the keys) + read limit + write grad_w
+                (+ the 1-bit keep mask, 4 bytes per 32 elements of a unit, with mask="bits")
+    weight bwd: "recompute": read grad + read W (keep is recomputed from the keys) + read limit
+                + write grad_w; "bits": read grad + read the bits + write grad_w
+    nm fwd/bwd: as weight targeting without the limit (the groups need no threshold)
     unit   fwd: read W + write out + write the bool keep flag (1 byte/unit)
-    unit   bwd: read grad + read keep + write grad_w (W is not needed)
+    unit   bwd: read grad + read keep + write grad_w (W is not needed); no mask formats
     fwd+bwd: the sum. The selection's own passes over W (the k-th key per row, the row norms)
     are *not* counted: a fused kernel that keeps a row on chip reads W once, so this is the
     floor, and GB/s above it means an implementation moves less than a one-pass op could.
     """
     N = U * F
-    if op == "weight":
-        fwd, bwd = 2 * N * elem_size + 4 * U, 3 * N * elem_size + 4 * U
-    elif op == "unit":
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    if op == "unit":
         fwd, bwd = 2 * N * elem_size + U, 2 * N * elem_size + U
     else:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        per_unit = 4 * U if op == "weight" else 0
+        bits = 4 * U * ((F + 31) // 32) if mask == "bits" else 0
+        fwd = 2 * N * elem_size + per_unit + bits
+        bwd = 2 * N * elem_size + bits if mask == "bits" else 3 * N * elem_size + per_unit
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
@@ -125,6 +140,17 @@ def _kthvalue_unit(w, drop_rate, targ_rate):
     return w.masked_fill(drop.view(U, *[1] * (w.ndim - 1)), 0)
 
 
+def _kthvalue_nm(w, drop_rate, n, m):
+    """N:M targeting by hand: |W| in groups of m, a stable argsort per group (ties to the lower
+    index, as SPEC section 11), the m - n first are candidates, a uniform per element."""
+    with torch.no_grad():
+        a = w.reshape(w.shape[0], -1, m).abs()
+        order = a.argsort(dim=2, stable=True)[..., : m - n]
+        cand = torch.zeros_like(a, dtype=torch.bool).scatter_(2, order, True)
+        drop = cand & (torch.rand(a.shape, device=a.device) < drop_rate)
+    return w.masked_fill(drop.view(w.shape), 0)
+
+
 def provider_names(device) -> list:
     """Providers for ``device``: the library's backends (best first, reference first), then
     the yardsticks. On CPU the Triton backend runs only in its interpreter: not a provider."""
@@ -134,26 +160,41 @@ def provider_names(device) -> list:
     return backends + list(YARDSTICKS)
 
 
-def make_fn(provider: str, op: str, drop_rate: float, targ_rate: float, seed: int = 1234) -> Callable:
+def masks_for(provider: str, op: str, masks=MASKS) -> tuple:
+    """The mask formats a provider runs for an op: ours, for weight and N:M targeting, each of
+    ``masks``; the yardsticks and unit targeting have none ("")."""
+    return tuple(masks) if provider not in YARDSTICKS and op != "unit" else ("",)
+
+
+def make_fn(provider: str, op: str, drop_rate: float, targ_rate: float, seed: int = 1234,
+            mask: str = "") -> Callable:
     """``w -> out`` for one provider and op (a fixed seed: no RNG draw is timed for ours)."""
     if provider == "clone":
         return torch.clone
     if provider == "dropout":
         return lambda w: F.dropout(w, drop_rate, training=True)
     if provider == "torch-kthvalue":
+        if op == "nm":
+            return lambda w: _kthvalue_nm(w, drop_rate, *NM)
         f = _kthvalue_weight if op == "weight" else _kthvalue_unit
         return lambda w: f(w, drop_rate, targ_rate)
-    api = td.targeted_weight_dropout if op == "weight" else td.targeted_unit_dropout
-    return lambda w: api(w, drop_rate, targ_rate, seed=seed, backend=provider)
+    mask = mask or td.api.DEFAULT_MASK
+    if op == "weight":
+        return lambda w: td.targeted_weight_dropout(w, drop_rate, targ_rate, seed=seed, backend=provider, mask=mask)
+    if op == "nm":
+        return lambda w: td.targeted_nm_dropout(w, drop_rate, n=NM[0], m=NM[1], seed=seed, backend=provider,
+                                                mask=mask)
+    return lambda w: td.targeted_unit_dropout(w, drop_rate, targ_rate, seed=seed, backend=provider)
 
 
-def make_bench_fn(provider: str, op: str, mode: str, w, g, drop_rate: float, targ_rate: float) -> Callable:
+def make_bench_fn(provider: str, op: str, mode: str, w, g, drop_rate: float, targ_rate: float,
+                  mask: str = "") -> Callable:
     """The callable timed for a mode. ``w`` is a leaf requiring grad, ``g`` the incoming grad.
 
     bwd: one forward builds the graph; each call runs backward through it (retain_graph).
     clone has no real backward (CloneBackward passes grad through untouched), so its bwd is
     an explicit copy of the grad: the floor for a one-pass backward."""
-    f = make_fn(provider, op, drop_rate, targ_rate)
+    f = make_fn(provider, op, drop_rate, targ_rate, mask=mask)
     if mode == "fwd":
         return lambda: f(w)
     if provider == "clone":
@@ -379,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "); clone is always measured, the copy floor")
     p.add_argument("--ops", type=_csv_list(OPS), default=list(OPS))
     p.add_argument("--modes", type=_csv_list(MODES), default=list(MODES))
+    p.add_argument("--masks", type=_csv_list(MASKS), default=list(MASKS),
+                   help="mask formats of our backends for weight and N:M targeting")
     p.add_argument("--quick", action="store_true",
                    help=f"small CPU-friendly subset: shapes {','.join(QUICK_SHAPES)}, float32 (unless given)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -452,30 +495,17 @@ def run(args, on_progress: Optional[Callable[[list], None]] = None) -> list:
             w = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
             g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
             for op in args.ops:
+                if op == "nm" and (N // U) % NM[1]:
+                    print(f"# skip nm at {'x'.join(map(str, shape))}: fan-in {N // U} is not a multiple of {NM[1]}",
+                          file=sys.stderr)
+                    continue
                 for p in providers:
                     if p == "reference" and N > ref_max:
                         print(f"# skip reference at {'x'.join(map(str, shape))}: {N} > --reference-max-numel "
                               f"{ref_max:.0f}", file=sys.stderr)
                         continue
-                    mem = {}
-                    if not args.no_memory:
-                        mem["saved"] = saved_bytes(make_fn(p, op, args.drop_rate, args.targ_rate), w) / N
-                        mem["peak"] = peak_bytes(make_bench_fn(p, op, "fwd+bwd", w, g, args.drop_rate,
-                                                               args.targ_rate), device)
-                    for mode in args.modes:
-                        fn = make_bench_fn(p, op, mode, w, g, args.drop_rate, args.targ_rate)
-                        t = time_fn(fn, device, args)
-                        del fn
-                        nbytes = copy_bytes(mode, N, w.element_size()) if p == "clone" else \
-                            op_bytes(op, mode, U, N // U, w.element_size())
-                        peak = mem.get("peak") if mode == "fwd+bwd" else None
-                        rows.append(dict(common, op=op, mode=mode, shape="x".join(map(str, shape)), dtype=dname,
-                                         provider=p, ms=t.ms, ms_p20=t.p20, ms_p80=t.p80, runs=t.runs, timer=t.timer,
-                                         bytes=nbytes, gbps=nbytes / t.ms / 1e6,
-                                         saved_bytes_per_elem=mem.get("saved"),
-                                         peak_mb=None if peak is None else peak / 2**20))
-                        print(f"# {op:6s} {mode:7s} {rows[-1]['shape']:>12s} {dname:8s} {p:15s} {t.ms:10.3f} ms",
-                              file=sys.stderr, flush=True)
+                    for mask in masks_for(p, op, args.masks):
+                        rows.extend(_measure(p, op, mask, shape, dname, w, g, args, common, device))
                     gc.collect()
             del w, g
             if device.type == "cuda":
@@ -485,45 +515,79 @@ def run(args, on_progress: Optional[Callable[[list], None]] = None) -> list:
     return _finish(rows, args, shapes, providers)
 
 
+def _measure(p, op, mask, shape, dname, w, g, args, common, device) -> list:
+    """The rows of one provider, op and mask format: every mode, plus the memory columns."""
+    U, N = shape[0], math.prod(shape)
+    rates = (args.drop_rate, args.targ_rate)
+    mem, rows = {}, []
+    if not args.no_memory:
+        mem["saved"] = saved_bytes(make_fn(p, op, *rates, mask=mask), w) / N
+        mem["peak"] = peak_bytes(make_bench_fn(p, op, "fwd+bwd", w, g, *rates, mask=mask), device)
+    for mode in args.modes:
+        fn = make_bench_fn(p, op, mode, w, g, *rates, mask=mask)
+        t = time_fn(fn, device, args)
+        del fn
+        nbytes = copy_bytes(mode, N, w.element_size()) if p == "clone" else \
+            op_bytes(op, mode, U, N // U, w.element_size(), mask or "recompute")
+        peak = mem.get("peak") if mode == "fwd+bwd" else None
+        rows.append(dict(common, op=op, mode=mode, shape="x".join(map(str, shape)), dtype=dname, provider=p,
+                         mask=mask, ms=t.ms, ms_p20=t.p20, ms_p80=t.p80, runs=t.runs, timer=t.timer, bytes=nbytes,
+                         gbps=nbytes / t.ms / 1e6, saved_bytes_per_elem=mem.get("saved"),
+                         peak_mb=None if peak is None else peak / 2**20))
+        print(f"# {op:6s} {mode:7s} {rows[-1]['shape']:>12s} {dname:8s} {p:15s} {mask:9s} {t.ms:10.3f} ms",
+              file=sys.stderr, flush=True)
+    return rows
+
+
 def _finish(rows, args, shapes, providers) -> list:
     rows = [dict(r) for r in rows]
     _derive(rows)
     # read by group: each (op, shape, dtype, mode) with its providers together, the copy floor last
     order = {k: i for i, k in enumerate(list(args.ops) + ["x".join(map(str, s)) for s in shapes] + list(args.dtypes)
                                         + list(MODES) + [p for p in providers if p != "clone"] + ["clone"])}
-    rows.sort(key=lambda r: tuple(order[r[c]] for c in ("op", "shape", "dtype", "mode", "provider")))
+    mask_order = {m: i for i, m in enumerate(("",) + MASKS)}
+    rows.sort(key=lambda r: tuple(order[r[c]] for c in ("op", "shape", "dtype", "mode", "provider"))
+              + (mask_order[r["mask"]],))
     return rows
 
 
 def _derive(rows) -> None:
-    """Fill frac_copy and the speedups from the rows of the same group (same run)."""
+    """Fill frac_copy and the speedups from the rows of the same group (same run); the
+    reference row of the same mask format is the one a backend is compared with."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), {})[r["provider"]] = r
+        groups.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), []).append(r)
     for group in groups.values():
-        copy, ref, drop = group.get("clone"), group.get("reference"), group.get("dropout")
-        for r in group.values():
+        by = {(r["provider"], r["mask"]): r for r in group}
+        copy, drop = by.get(("clone", "")), by.get(("dropout", ""))
+        for r in group:
+            ref = by.get(("reference", r["mask"]))
             r["copy_gbps"] = copy["gbps"] if copy else None
             r["frac_copy"] = r["gbps"] / copy["gbps"] if copy else None
             r["speedup_vs_reference"] = ref["ms"] / r["ms"] if ref else None
             r["speedup_vs_dropout"] = drop["ms"] / r["ms"] if drop else None
 
 
+def label(r) -> str:
+    """A row's provider, with its mask format where it has one: "native (bits)"."""
+    return f"{r['provider']} ({r['mask']})" if r.get("mask") else r["provider"]
+
+
 def format_table(rows) -> str:
-    head = ("op", "mode", "shape", "dtype", "provider", "ms", "p20-p80 ms", "GB/s", "%copy", "x ref", "x dropout",
-            "saved B/el", "peak MB")
+    head = ("op", "mode", "shape", "dtype", "provider", "mask", "ms", "p20-p80 ms", "GB/s", "%copy", "x ref",
+            "x dropout", "saved B/el", "peak MB")
     lines = []
     for r in rows:
-        lines.append((r["op"], r["mode"], r["shape"], r["dtype"], r["provider"], _fmt(r["ms"], ".3f"),
+        lines.append((r["op"], r["mode"], r["shape"], r["dtype"], r["provider"], r["mask"], _fmt(r["ms"], ".3f"),
                       f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}", _fmt(r["gbps"], "sig"),
                       _fmt(None if r.get("frac_copy") is None else 100 * r["frac_copy"], ".0f"),
                       _fmt(r.get("speedup_vs_reference"), ".1f"), _fmt(r.get("speedup_vs_dropout"), ".2f"),
                       _fmt(r.get("saved_bytes_per_elem"), ".4f"), _fmt(r.get("peak_mb"), ".1f")))
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) if i < 5 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    out = ["  ".join(h.ljust(w) if i < 6 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     out.append("  ".join("-" * w for w in widths))
     for l in lines:
-        out.append("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
+        out.append("  ".join(c.ljust(w) if i < 6 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
     return "\n".join(out)
 
 
@@ -575,14 +639,14 @@ def plot(rows, out_dir: Path) -> list:
         modes = list(dict.fromkeys(r["mode"] for r in sub))
         dtypes = list(dict.fromkeys(r["dtype"] for r in sub))
         shapes = list(dict.fromkeys(r["shape"] for r in sub))
-        provs = [p for p in dict.fromkeys(r["provider"] for r in sub) if p != "clone"]
+        provs = [p for p in dict.fromkeys(label(r) for r in sub) if p != "clone"]
         fig, axes = plt.subplots(len(modes), len(dtypes), squeeze=False,
                                  figsize=(max(6, 1.6 * len(shapes) * len(dtypes) + 2), 3.2 * len(modes)))
         width = 0.8 / max(1, len(provs))
         for i, mode in enumerate(modes):
             for j, dt in enumerate(dtypes):
                 ax = axes[i][j]
-                cell = {(r["shape"], r["provider"]): r for r in sub if r["mode"] == mode and r["dtype"] == dt}
+                cell = {(r["shape"], label(r)): r for r in sub if r["mode"] == mode and r["dtype"] == dt}
                 for n, p in enumerate(provs):
                     xs = [s + n * width - 0.4 + width / 2 for s, sh in enumerate(shapes) if (sh, p) in cell]
                     ys = [cell[(sh, p)]["gbps"] for sh in shapes if (sh, p) in cell]
