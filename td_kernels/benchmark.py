@@ -411,6 +411,8 @@ def _csv_list(choices=None):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="td-kernels bench", description=__doc__.split("\n\n")[0],
+                                epilog="td-kernels bench --step [...] times whole training steps instead "
+                                       "(td_kernels.bench_step; --step --help for its options)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", type=lambda v: [parse_shape(x) and x for x in _csv_list()(v)], default=None, help=f"comma list (default: {','.join(SHAPES)})")
@@ -672,6 +674,10 @@ def plot(rows, out_dir: Path) -> list:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--step" in argv:  # whole training steps: td_kernels.bench_step
+        from . import bench_step
+        return bench_step.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("slow_runs", "threads", "rep_ms", "cuda_runs"):
