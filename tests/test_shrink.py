@@ -19,6 +19,8 @@ import td_kernels as td
 from td_kernels.demo import make_model
 from td_kernels.shrink import zero_units
 
+pytest.importorskip("torch_pruning")  # `make .venv/.built` installs it
+
 
 def close(a, b, rel):
     scale = b.abs().max().item()
@@ -345,3 +347,14 @@ def test_bad_input():
     model[0].register_forward_hook(lambda *a: None)
     with pytest.raises(ValueError, match="layer '0' has forward hooks"):
         td.shrink_model(model, x)
+
+
+def test_bench_inference_smoke(tmp_path):
+    """The CPU benchmark's rows: the dense baseline and one shrunk variant, timed interleaved."""
+    from td_kernels import bench_inference
+
+    rows = bench_inference.run_cpu(["mlp"], [0.5], [2], reps=2, block_s=0.001, threads=1, progress=lambda s: None)
+    assert [r["variant"] for r in rows] == ["dense", "shrunk 50%"]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["params"] < rows[0]["params"] and rows[1]["reps"] == 2
+    bench_inference.write_csv(rows, tmp_path / "x.csv", "header")
+    assert (tmp_path / "x.csv").read_text().startswith("# header\nmodel,batch,variant")
