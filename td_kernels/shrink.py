@@ -12,8 +12,8 @@ Structure: the coupling of channels across layers (Linear -> BN -> ReLU -> Flatt
 residual adds, concatenations) comes from torch-pruning's ``DependencyGraph``, traced once on
 ``example_inputs``. For each group of coupled channels we decide which channels go; torch-pruning
 cuts them. Attention blocks with ``q_proj/k_proj/v_proj/o_proj`` (Llama, Mistral, Qwen2, ...)
-are opaque to that graph (torch-pruning 1.6.1 does not terminate on transformers' SDPA
-attention) and lose whole KV groups instead, by a rule of their own (below).
+are opaque to that graph (torch-pruning 1.6.1's group walk did not finish on transformers'
+SDPA attention) and lose whole KV groups instead, by a rule of their own (below).
 
 The bias rule (why the output stays equal). A zero unit does not output 0: it outputs its bias
 ``b`` (a convolution: ``b`` at every position), and whatever lies between it and the next layers
@@ -465,8 +465,8 @@ def shrink_model(model: nn.Module, example_inputs, *, exclude=(), verify: bool =
     ``example_inputs``: what the model is called with: a Tensor (``model(x)``), a tuple/list
     (``model(*args)``) or a dict (``model(**kwargs)``). They are used to trace the layer coupling
     and to read the constant each removed unit contributes, so give a realistic batch of more than
-    one sample. ``exclude``: names (or modules) of layers whose units must not be removed (nor
-    those of any layer coupled with them). ``verify``: run both models on ``example_inputs`` and
+    one sample. ``exclude``: names (or modules) of layers that keep their shape: their units stay,
+    and so do the units of every layer coupled with them (the layers feeding them included). ``verify``: run both models on ``example_inputs`` and
     store the largest absolute output difference in ``report.max_abs_diff``.
 
     The input model is not modified. The new model is in the same train/eval mode as the input;
