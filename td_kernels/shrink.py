@@ -409,7 +409,6 @@ def _shrink_group(DG, tp, root, model, example_inputs, names, stats, excluded_mo
                              "channel is not zero")
                 break
     candidates = [r for r in range(U) if r not in reason]
-    folds = {}
     if candidates:
         if any(m not in cache for m in consumers):  # one forward refreshes every stale layer
             cache.update(_input_stats(model, example_inputs, [m for m in names if isinstance(m, LAYER_TYPES)
@@ -551,7 +550,11 @@ def shrink_model(model: nn.Module, example_inputs, *, exclude=(), verify: bool =
     if verify:
         was = {m: m.training for m in new.modules()}
         new.eval()
-        out = _run(new, example_inputs)
+        try:
+            out = _run(new, example_inputs)
+        except ValueError as e:  # the inputs ran before: this is ours
+            raise RuntimeError(f"shrink_model: the shrunk model fails on example_inputs ({e.__cause__!r}); "
+                               "this is a bug, please report it") from e
         for m, t in was.items():
             m.training = t
         report.max_abs_diff = max(float((a.double() - b.double()).abs().max()) if a.numel() else 0.0

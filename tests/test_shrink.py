@@ -316,6 +316,10 @@ def test_llama_mlp_units_and_kv_groups(llama):
     assert (a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features, a.o_proj.in_features) == (16, 8, 8, 16)
     assert a.q_proj.out_features // a.k_proj.out_features == 4 // 2  # GQA ratio kept
     assert report.heads == [("model.layers.1.self_attn", 1, 2, 2)]
+    # MLP units: a gate row, an up row and a down column each (hidden 32); the KV group: 8 key,
+    # 8 value and 16 query rows of 32, and 16 input columns of o_proj's 32 rows
+    mlp, attn = (20 + 24) * 3 * 32, (8 + 8 + 16) * 32 + 32 * 16
+    assert report.params_before - report.params_after == params(llama) - params(small) == mlp + attn
     left = {(n, r.split(" ")[0]) for n, _, r in report.left}
     assert ("model.layers.0.mlp.gate_proj", "coupled") in left
     assert {n for n, _, _ in report.left} >= {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}
