@@ -362,3 +362,19 @@ def test_bench_inference_smoke(tmp_path):
     assert rows[0]["speedup"] == 1.0 and rows[1]["params"] < rows[0]["params"] and rows[1]["reps"] == 2
     bench_inference.write_csv(rows, tmp_path / "x.csv", "header")
     assert (tmp_path / "x.csv").read_text().startswith("# header\nmodel,batch,variant")
+
+
+def test_torch_prune_mask_is_read_and_model_untouched():
+    """A weight behind torch.nn.utils.prune (weight_orig * weight_mask, a non-leaf ``weight``
+    that plain deepcopy refuses): the mask's zero rows are the units removed."""
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 4)).double().eval()
+    mask = torch.ones(12, 5, dtype=torch.float64)
+    mask[[1, 4, 9]] = 0
+    prune.custom_from_mask(model[0], "weight", mask)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    small, report = td.shrink_model(model, x)
+    assert hasattr(model[0], "weight_orig") and model[0].weight_orig.shape == (12, 5)
+    assert not hasattr(small[0], "weight_orig") and small[0].out_features == 9 == small[2].in_features
+    close(small(x), model(x), 1e-12)
