@@ -14,7 +14,13 @@ $(VENV)/.deps:
 	$(PIP) "triton>=3.4" numpy ninja pytest hypothesis pytest-benchmark scikit-learn matplotlib tqdm
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)
+# td.shrink_model's dependency graph (torch-pruning) and the Llama tests (transformers): neither
+# pulls another torch (torch-pruning asks for any torch, which 2.13.0 satisfies)
+$(VENV)/.deps-sparsity: $(VENV)/.deps
+	$(PIP) torch-pruning transformers
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(VENV)/.deps-sparsity setup.py pyproject.toml $(wildcard csrc/*)
 	TD_KERNELS_BUILD_EXT=1 $(PIP) --no-build-isolation -e .
 	touch $@
 

@@ -40,6 +40,8 @@ from . import nn  # noqa: E402
 from .nn import TargetedDropout, apply_targeted_dropout, remove_targeted_dropout  # noqa: E402
 from .schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate  # noqa: E402
 from .pruning import TargetedPruning, prune_model, sparsity_report  # noqa: E402
+from .shrink import ShrinkReport, shrink_model  # noqa: E402
+from .sparse import is_nm_sparse, nm_violations, to_semi_structured  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -48,4 +50,5 @@ __all__ = [
     "available_backends", "reference", "ops", "Backend",
     "nn", "TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout",
     "RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "TargetedPruning", "prune_model", "sparsity_report",
+    "shrink_model", "ShrinkReport", "to_semi_structured", "is_nm_sparse", "nm_violations",
 ]
