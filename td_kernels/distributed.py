@@ -39,7 +39,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from . import ops
 from ._registry import resolve
 from .api import _seed_tensor, nm_params, unit_params, weight_params
-from .reference import count, drop_threshold, norms_from_sumsq, rank_keys, unit_keep_from_norms, unit_sumsq
+from .reference import KEY_MAX, count, drop_threshold, norms_from_sumsq, rank_keys, unit_keep_from_norms, unit_sumsq
 
 __all__ = ["sharded_targeting"]
 
@@ -153,13 +153,13 @@ def _radix_limits(w2d, k: int, F: int, groups) -> torch.Tensor:
 
 def _weight(local, lay: _Layout, seed, drop_rate, targ_rate, backend, mask):
     params = weight_params(seed, drop_rate, targ_rate, lay.F, lay.window)
-    k = int(count(targ_rate, lay.F))
     limit = None
-    if lay.fan_groups and 0 < k < lay.F and local.shape[0] > 0:  # a split row: its threshold is global
-        if local.device.type == "meta":
-            limit = local.new_empty((local.shape[0],), dtype=torch.int32)
-        else:
-            limit = _radix_limits(local.detach().reshape(local.shape[0], -1), k, lay.F, lay.fan_groups)
+    if lay.fan_groups:  # split rows: the limits are the global rows', never the shard's own selection
+        k, u = int(count(targ_rate, lay.F)), local.shape[0]
+        if 0 < k < lay.F and u and local.device.type != "meta":
+            limit = _radix_limits(local.detach().reshape(u, -1), k, lay.F, lay.fan_groups)
+        else:  # k == 0: no candidate; k == F: all (registry convention); meta: values unused
+            limit = torch.full((u,), -1 if k == 0 else KEY_MAX, dtype=torch.int32, device=local.device)
     return ops.weight_dropout(local, params, backend, mask, limit)[0]
 
 

@@ -1,0 +1,452 @@
+"""The checks of tests/test_distributed.py, run inside ONE 2-process gloo group on CPU.
+
+``python tests/dist_worker.py RANK STORE_FILE OUT_PREFIX`` joins the group through a FileStore,
+runs every check of ``CHECKS`` in order on both ranks and writes, after each one,
+``OUT_PREFIX.RANK.json``: ``{name: {"status": "pass"|"skip"|"fail", "detail": ..., "s": secs}}``.
+The pytest side turns each name into a test item. A check does all its collectives before it
+compares anything, so a failing assertion on one rank never leaves the other in a collective.
+
+Every check compares a DTensor result with the single-process function on the full tensor,
+same seed, bit for bit (``oracle.assert_bits_equal``), forward and backward.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import sys
+import time
+import traceback
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py: before triton is imported
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import td_kernels as td
+from td_kernels import _registry
+from td_kernels.reference import Window
+
+import oracle
+
+WORLD = 2
+BACKENDS = td.available_backends("cpu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MASKS = ("bits", "recompute")
+# 5 rows over 2 ranks, fan-in 7 (uneven both ways); a rank with no rows (1, 3) or no columns (3, 1);
+# conv weights [out, in, kh, kw], in = 5 split 3/2 (fan-in columns 12/8)
+SHAPES = ((8, 12), (5, 7), (1, 3), (3, 1), (6, 4, 3, 3), (3, 5, 2, 2))
+PLACEMENTS = (Shard(0), Shard(1), Replicate())
+RATES = ((0.5, 0.5), (0.7, 0.3), (1.0, 0.0), (0.4, 1.0), (1.0, 0.61))  # targ 0 and 1: no selection at all
+NM_CASES = {  # placement -> (shape, n, m): Shard(1) cases keep every shard on group boundaries
+    Shard(0): (((5, 8), 2, 4), ((1, 8), 1, 2), ((7, 4, 2), 3, 8), ((4, 2, 2, 2), 2, 4)),
+    Shard(1): (((4, 16), 2, 4), ((3, 5, 4), 2, 4), ((4, 2, 2, 2), 1, 4), ((2, 6, 2), 1, 2)),
+    Replicate(): (((5, 8), 2, 4), ((3, 12), 5, 6)),
+}
+
+CHECKS: dict = {}
+
+
+class Skip(Exception):
+    pass
+
+
+def check(name):
+    def register(fn):
+        CHECKS[name] = fn
+        return fn
+    return register
+
+
+def per_backend(name):
+    """Register ``fn(ctx, backend)`` once per CPU backend: ``name[backend]``."""
+    def register(fn):
+        for b in BACKENDS:
+            CHECKS[f"{name}[{b}]"] = lambda ctx, fn=fn, b=b: fn(ctx, b)
+        return fn
+    return register
+
+
+# ---- capability probe --------------------------------------------------------------------
+def missing_capability(backend: str, kind: str):
+    """None when ``backend``'s launchers serve what the sharded path asks of ``kind`` (windows,
+    given limits, bit masks), else the launcher's NotImplementedError. Only NotImplementedError
+    counts as "not yet": any other error is left to fail the checks."""
+    if kind == "unit":  # the sharded path runs only the plain unit op
+        return None
+    b = _registry.resolve(backend, torch.device("cpu"), torch.float32)
+    w = torch.randn(3, 8)
+    win, D = Window(11, 20), 2**31
+    try:
+        if kind == "weight":
+            _out, lim, bits = b.weight_dropout(w, 5, 3, D, window=win, limit=torch.zeros(3, dtype=torch.int32),
+                                               bits=True)
+            b.weight_dropout_backward(w, w, lim, 5, D, window=win)
+            b.weight_dropout_backward(w, None, None, 5, D, window=win, bits=bits)
+        else:
+            _out, bits = b.nm_dropout(w, 5, 2, 4, D, window=Window(12, 20), bits=True)
+            b.nm_dropout_backward(w, w, 5, 2, 4, D, window=Window(12, 20))
+            b.nm_dropout_backward(w, None, 5, 2, 4, D, window=Window(12, 20), bits=bits)
+    except NotImplementedError as e:
+        return f"backend {backend!r} cannot serve sharded {kind} targeting yet: {e}"
+    return None
+
+
+def require(backend, kind):
+    why = missing_capability(backend, kind)
+    if why is not None:
+        raise Skip(why)
+
+
+# ---- helpers -----------------------------------------------------------------------------
+class Context:
+    def __init__(self, rank):
+        self.rank = rank
+        self.mesh = init_device_mesh("cpu", (WORLD,))
+        # 2-D meshes of 2 ranks: every code path that combines mesh dims, with one dim of size 1
+        self.mesh21 = init_device_mesh("cpu", (2, 1), mesh_dim_names=("a", "b"))
+        self.mesh12 = init_device_mesh("cpu", (1, 2), mesh_dim_names=("a", "b"))
+
+
+def dtypes_of(backend):
+    return [d for d in DTYPES if d in _registry.resolve(backend, torch.device("cpu"), torch.float32).dtypes]
+
+
+def weight(shape, dtype, style, data_seed):
+    return oracle.make_weight(shape, dtype, style, data_seed)
+
+
+def grad_out(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def run_both(fn, w_full, mesh, placements, grad):
+    """``fn`` on the DTensor of ``w_full`` and on ``w_full`` itself: ((out, grad) sharded as full
+    tensors, (out, grad) single-process, the sharded out and grad DTensors). Collectives first."""
+    w_dt = distribute_tensor(w_full, mesh, placements).requires_grad_()
+    out_dt = fn(w_dt)
+    g_dt = distribute_tensor(grad, mesh, placements)
+    (gw_dt,) = torch.autograd.grad(out_dt, w_dt, g_dt)
+    sharded = (out_dt.full_tensor(), gw_dt.full_tensor())
+    w = w_full.clone().requires_grad_()
+    out = fn(w)
+    (gw,) = torch.autograd.grad(out, w, grad)
+    return sharded, (out.detach(), gw), (w_dt, out_dt, gw_dt)
+
+
+def assert_same(case, sharded, single, dts):
+    w_dt, out_dt, gw_dt = dts
+    try:
+        assert isinstance(out_dt, DTensor) and isinstance(gw_dt, DTensor)
+        assert out_dt.device_mesh == w_dt.device_mesh, "mesh"
+        assert out_dt.placements == w_dt.placements == gw_dt.placements, (out_dt.placements, gw_dt.placements)
+        assert out_dt.shape == w_dt.shape and out_dt.dtype == w_dt.dtype
+        assert out_dt.stride() == torch.empty(w_dt.shape, device="meta").stride()
+        assert out_dt.to_local().shape == w_dt.to_local().shape
+        oracle.assert_bits_equal(sharded[0], single[0])
+        oracle.assert_bits_equal(sharded[1], single[1])
+    except AssertionError as e:
+        raise AssertionError(f"{case}: {e}") from None
+
+
+def thinned(backend, i):
+    """Whether case ``i`` runs on ``backend``: all on the reference, every third (rotating) on
+    the others, whose windows are tested against the reference in their own tests (and the
+    Triton interpreter is slow)."""
+    return backend == "reference" or i % 3 == (i // 3) % 3
+
+
+def cases(backend):
+    """(case number, shape, dtype, style, mask, rates, seed): every shape x dtype, rotating
+    styles, masks and rates so that every style x mask pair occurs (18 cases; thinned: each
+    shape once)."""
+    for i, (shape, dtype) in enumerate(itertools.product(SHAPES, DTYPES)):
+        if thinned(backend, i):
+            yield i, shape, dtype, oracle.STYLES[i % 3], MASKS[i % 2], RATES[i % len(RATES)], 2**62 + 7919 * i
+
+
+class Comms(TorchDispatchMode):
+    """Records every c10d collective: (op name, shape, dtype) of its first tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.startswith("c10d::"):
+            t = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+            self.calls.append((name.split("::")[1], tuple(t.shape), t.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+# ---- forward and backward against the single process --------------------------------------
+def _kind_check(kind, ctx, backend, placement):
+    require(backend, kind)
+    for n_case, shape, dtype, style, mask, (drop, targ), seed in cases(backend):
+        if dtype not in dtypes_of(backend):
+            continue
+        if kind == "weight":
+            def fn(w):
+                return td.targeted_weight_dropout(w, drop, targ, seed=seed, backend=backend, mask=mask)
+        else:
+            def fn(w):
+                return td.targeted_unit_dropout(w, drop, targ, seed=seed, backend=backend)
+        w = weight(shape, dtype, style, n_case)
+        sharded, single, dts = run_both(fn, w, ctx.mesh, [placement], grad_out(shape, dtype, n_case))
+        assert_same(f"{kind} {placement} {shape} {dtype} {style} mask={mask} rates={drop, targ}", sharded, single, dts)
+
+
+for _kind in ("weight", "unit"):
+    for _pl in PLACEMENTS:
+        per_backend(f"{_kind}/{_pl!r}")(lambda ctx, b, k=_kind, p=_pl: _kind_check(k, ctx, b, p))
+
+
+def _nm_check(ctx, backend, placement):
+    require(backend, "nm")
+    for i, ((shape, n, m), dtype) in enumerate(itertools.product(NM_CASES[placement], DTYPES)):
+        if dtype not in dtypes_of(backend) or not thinned(backend, i):
+            continue
+        style, mask, (drop, _) = oracle.STYLES[i % 3], MASKS[i % 2], RATES[i % len(RATES)]
+
+        def fn(w):
+            return td.targeted_nm_dropout(w, drop, n=n, m=m, seed=31 * i, backend=backend, mask=mask)
+        w = weight(shape, dtype, style, i)
+        sharded, single, dts = run_both(fn, w, ctx.mesh, [placement], grad_out(shape, dtype, i))
+        assert_same(f"nm {n}:{m} {placement} {shape} {dtype} {style} mask={mask} drop={drop}", sharded, single, dts)
+
+
+for _pl in PLACEMENTS:
+    per_backend(f"nm/{_pl!r}")(lambda ctx, b, p=_pl: _nm_check(ctx, b, p))
+
+
+@per_backend("prune")
+def _prune(ctx, backend):
+    fns = {"weight": lambda w: td.prune_weights(w, 0.4, backend=backend),
+           "unit": lambda w: td.prune_units(w, 0.4, backend=backend),
+           "nm": lambda w: td.prune_nm(w, n=2, m=4, backend=backend)}
+    for kind, fn in fns.items():
+        if missing_capability(backend, kind):
+            continue
+        for i, (shape, pl) in enumerate(itertools.product(((6, 8), (5, 4, 2, 2), (3, 16)), PLACEMENTS)):
+            if not thinned(backend, i):
+                continue
+            w = weight(shape, torch.float32, oracle.STYLES[i % 3], i)
+            sharded, single, dts = run_both(fn, w, ctx.mesh, [pl], grad_out(shape, torch.float32, i))
+            assert_same(f"prune {kind} {pl} {shape}", sharded, single, dts)
+
+
+@per_backend("2d-mesh")
+def _mesh2d(ctx, backend):
+    """Placements on two mesh dims (one of size 1), e.g. rows and fan-in both sharded."""
+    S0, S1, R = Shard(0), Shard(1), Replicate()
+    layouts = [(ctx.mesh21, [S0, S1]), (ctx.mesh21, [S1, S0]), (ctx.mesh12, [S0, S1]), (ctx.mesh12, [S1, S0]),
+               (ctx.mesh21, [S1, R]), (ctx.mesh12, [R, S1]), (ctx.mesh21, [S0, S0]), (ctx.mesh12, [S1, S1]),
+               (ctx.mesh12, [R, R])]
+    kinds = [k for k in ("weight", "unit", "nm") if not missing_capability(backend, k)]
+    for i, ((mesh, pls), kind) in enumerate(itertools.product(layouts, kinds)):
+        if not thinned(backend, i):
+            continue
+        shape, dtype = ((5, 8) if i % 2 else (3, 5, 4)), DTYPES[i % 3]
+        if dtype not in dtypes_of(backend):
+            dtype = torch.float32
+        fn = {"weight": lambda w: td.targeted_weight_dropout(w, 0.6, 0.45, seed=i, backend=backend, mask=MASKS[i % 2]),
+              "unit": lambda w: td.targeted_unit_dropout(w, 0.6, 0.45, seed=i, backend=backend),
+              "nm": lambda w: td.targeted_nm_dropout(w, 0.6, seed=i, backend=backend, mask=MASKS[i % 2])}[kind]
+        w = weight(shape, dtype, oracle.STYLES[i % 3], i)
+        sharded, single, dts = run_both(fn, w, mesh, pls, grad_out(shape, dtype, i))
+        assert_same(f"{kind} mesh {tuple(mesh.shape)} {pls} {shape} {dtype}", sharded, single, dts)
+
+
+# ---- seeds -------------------------------------------------------------------------------
+@per_backend("seed-none")
+def _seed_none(ctx, backend):
+    """Ranks whose default generators differ agree on the draw of the mesh's first rank, and
+    each rank's generator advances by one draw, as a single process's would."""
+    calls = {"weight": lambda w: td.targeted_weight_dropout(w, 0.5, 0.5, backend=backend),
+             "unit": lambda w: td.targeted_unit_dropout(w, 0.5, 0.5, backend=backend),
+             "nm": lambda w: td.targeted_nm_dropout(w, 0.5, backend=backend)}
+    for mesh, pls in ((ctx.mesh, [Shard(1)]), (ctx.mesh, [Replicate()]), (ctx.mesh12, [Shard(0), Shard(1)]),
+                      (ctx.mesh21, [Shard(0), Replicate()])):
+        for kind, fn in calls.items():
+            if missing_capability(backend, kind):
+                continue
+            w = weight((6, 8), torch.float32, "normal", 3)
+            torch.manual_seed(100 + ctx.rank)
+            got = fn(distribute_tensor(w, mesh, pls)).full_tensor()
+            after = torch.randint(0, 2**62, (4,))
+            torch.manual_seed(100)  # the mesh's first rank is global rank 0 here
+            want = fn(w)
+            torch.manual_seed(100 + ctx.rank)
+            td.api._seed_tensor(None)  # the one draw a single-process call makes
+            want_after = torch.randint(0, 2**62, (4,))
+            oracle.assert_bits_equal(got, want)
+            assert torch.equal(after, want_after), f"{kind}: the default generator advanced by more than one draw"
+
+
+# ---- collectives -------------------------------------------------------------------------
+@check("collectives")
+def _collectives(ctx):
+    """What each call exchanges (docs/notes/distributed.md): no gather of W, ever; nothing in
+    the backward; the counts and sizes below."""
+    R_ = "reference"
+    w8 = weight((6, 8), torch.float32, "normal", 0)
+    expect = [  # (what, placement, dtype, call, [(op, shape, dtype)])
+        ("weight rows whole", Shard(0), torch.float32, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_), []),
+        ("weight replicated", Replicate(), torch.float32, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_), []),
+        ("weight split f32", Shard(1), torch.float32, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_),
+         [("allreduce_", (6, 256), torch.int32)] * 4),
+        ("weight split f16", Shard(1), torch.float16, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_),
+         [("allreduce_", (6, 256), torch.int32)] * 3),
+        ("weight split bf16", Shard(1), torch.bfloat16, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_),
+         [("allreduce_", (6, 256), torch.int32)] * 2),
+        ("weight split k=F", Shard(1), torch.float32, lambda w: td.targeted_weight_dropout(w, .5, 1.0, seed=1, backend=R_), []),
+        ("weight split seed=None", Shard(1), torch.bfloat16, lambda w: td.targeted_weight_dropout(w, .5, .5, backend=R_),
+         [("broadcast_", (1,), torch.int64)] + [("allreduce_", (6, 256), torch.int32)] * 2),
+        ("unit rows", Shard(0), torch.float32, lambda w: td.targeted_unit_dropout(w, .5, .5, seed=1, backend=R_),
+         [("allreduce_", (6,), torch.float64)]),
+        ("unit fan-in", Shard(1), torch.float32, lambda w: td.targeted_unit_dropout(w, .5, .5, seed=1, backend=R_),
+         [("allreduce_", (6,), torch.float64)]),
+        ("unit replicated", Replicate(), torch.float32, lambda w: td.targeted_unit_dropout(w, .5, .5, seed=1, backend=R_), []),
+        ("nm", Shard(1), torch.float32, lambda w: td.targeted_nm_dropout(w, .5, seed=1, backend=R_), []),
+        ("prune split", Shard(1), torch.float32, lambda w: td.prune_weights(w, .5, backend=R_),
+         [("allreduce_", (6, 256), torch.int32)] * 4),
+    ]
+    seen = []
+    for what, pl, dtype, fn, want in expect:
+        w_dt = distribute_tensor(w8.to(dtype), ctx.mesh, [pl]).requires_grad_()
+        g_dt = distribute_tensor(torch.ones(6, 8, dtype=dtype), ctx.mesh, [pl])
+        with Comms() as fwd:
+            out = fn(w_dt)
+        with Comms() as bwd:
+            torch.autograd.grad(out, w_dt, g_dt)
+        seen.append((what, fwd.calls, bwd.calls, want))
+    for what, fwd, bwd, want in seen:
+        assert fwd == want, f"{what}: forward exchanged {fwd}, expected {want}"
+        assert bwd == [], f"{what}: backward exchanged {bwd}"
+
+
+# ---- bad input ---------------------------------------------------------------------------
+ALL_FUNCS = {
+    "targeted_weight_dropout": lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend="reference"),
+    "targeted_unit_dropout": lambda w: td.targeted_unit_dropout(w, .5, .5, seed=1, backend="reference"),
+    "targeted_nm_dropout": lambda w: td.targeted_nm_dropout(w, .5, seed=1, backend="reference"),
+    "prune_weights": lambda w: td.prune_weights(w, .5, backend="reference"),
+    "prune_units": lambda w: td.prune_units(w, .5, backend="reference"),
+    "prune_nm": lambda w: td.prune_nm(w, backend="reference"),
+}
+
+
+def expect_error(fn, w_dt, *needles):
+    try:
+        fn(w_dt)
+    except ValueError as e:
+        msg = str(e)
+        assert all(s in msg for s in needles), f"error {msg!r} does not name {needles}"
+        return msg
+    raise AssertionError(f"no ValueError for placements {w_dt.placements} (wanted one naming {needles})")
+
+
+@check("bad-placements")
+def _bad_placements(ctx):
+    """Every public function refuses what it cannot serve exactly, on every rank, before any
+    collective, naming the placement."""
+    conv = torch.randn(4, 4, 2, 2)
+    cases = [
+        (distribute_tensor(conv, ctx.mesh, [Shard(2)]), ("Shard(dim=2)", "mesh dim 0", "splits dim 2")),
+        (distribute_tensor(conv, ctx.mesh, [Shard(3)]), ("Shard(dim=3)",)),
+        (DTensor.from_local(torch.randn(4, 8), ctx.mesh, [Partial()], run_check=False), ("Partial(sum)", "unreduced")),
+        (DTensor.from_local(torch.randn(4, 8), ctx.mesh21, [Replicate(), Partial("max")], run_check=False),
+         ("Partial(max)", "mesh dim 1")),
+        (DTensor.from_local(torch.randn(2, 8), ctx.mesh, [_StridedShard(0, split_factor=2)], run_check=False,
+                            shape=(4, 8), stride=(8, 1)), ("_StridedShard", "not contiguous")),
+    ]
+    with Comms() as comms:
+        for w_dt, needles in cases:
+            for name, fn in ALL_FUNCS.items():
+                try:
+                    expect_error(fn, w_dt, *needles)
+                except AssertionError as e:
+                    raise AssertionError(f"{name}: {e}") from None
+    assert comms.calls == [], f"collectives before the error: {comms.calls}"
+
+
+@check("nm-misaligned")
+def _nm_misaligned(ctx):
+    """N:M groups cut by a shard boundary: a ValueError naming the placement and m on BOTH ranks
+    (every shard is checked, not only the own one)."""
+    for shape, m, coord in (((3, 6, 4), 8, "(0,)"), ((2, 10), 2, "(0,)"), ((2, 6, 2), 4, "(0,)")):
+        w_dt = distribute_tensor(torch.randn(shape), ctx.mesh, [Shard(1)])
+        with Comms() as comms:
+            for fn in (lambda w: td.targeted_nm_dropout(w, .5, n=1, m=m, seed=1, backend="reference"),
+                       lambda w: td.prune_nm(w, n=1, m=m, backend="reference")):
+                expect_error(fn, w_dt, "Shard(dim=1)", f"m={m}", f"mesh coordinate {coord}")
+        assert comms.calls == [], comms.calls
+
+
+@check("misc")
+def _misc(ctx):
+    w = weight((6, 8), torch.float32, "normal", 5)
+    w_dt = distribute_tensor(w, ctx.mesh, [Shard(1)])
+    # eval mode returns the DTensor itself
+    assert td.targeted_weight_dropout(w_dt, .5, .5, training=False) is w_dt
+    # rates given as 0-dim CPU tensors (td.nn's schedules pass them so)
+    rate = torch.tensor(0.375, dtype=torch.float64)
+    got = [td.targeted_weight_dropout(w_dt, rate, rate, seed=9, backend="reference").full_tensor(),
+           td.targeted_unit_dropout(w_dt, rate, rate, seed=9, backend="reference").full_tensor()]
+    # a rank outside the mesh takes part in nothing and gets an empty shard
+    solo = DeviceMesh("cpu", [0])
+    solo_out = td.targeted_weight_dropout(distribute_tensor(w, solo, [Shard(1)]) if ctx.rank == 0 else
+                                          DTensor.from_local(torch.empty(0), solo, [Shard(1)], run_check=False,
+                                                             shape=w.shape, stride=w.stride()),
+                                          .5, .5, seed=9, backend="reference")
+    # backend checks run on the shard's dtype, alike on every rank (rank 1 of (1, 8) has no rows)
+    w64 = distribute_tensor(torch.randn(1, 8, dtype=torch.float64), ctx.mesh, [Shard(0)])
+    for b in BACKENDS:
+        if torch.float64 not in _registry.resolve(b, torch.device("cpu"), torch.float32).dtypes:
+            try:
+                td.targeted_weight_dropout(w64, .5, .5, seed=1, backend=b)
+                raise AssertionError(f"{b} accepted float64")
+            except TypeError as e:
+                assert "float64" in str(e), e
+    oracle.assert_bits_equal(got[0], td.targeted_weight_dropout(w, rate, rate, seed=9, backend="reference"))
+    oracle.assert_bits_equal(got[1], td.targeted_unit_dropout(w, rate, rate, seed=9, backend="reference"))
+    if ctx.rank == 0:
+        oracle.assert_bits_equal(solo_out.to_local(), td.targeted_weight_dropout(w, .5, .5, seed=9, backend="reference"))
+    else:
+        assert solo_out.to_local().numel() == 0
+
+
+# ---- the process ---------------------------------------------------------------------------
+def main(rank: int, store_file: str, out_prefix: str) -> None:
+    torch.set_num_threads(1)  # 2 processes on 2 shared cores
+    dist.init_process_group("gloo", store=dist.FileStore(store_file, WORLD), rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    ctx = Context(rank)
+    results = {}
+    for name, fn in CHECKS.items():
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        try:
+            fn(ctx)
+            status, detail = "pass", ""
+        except Skip as e:
+            status, detail = "skip", str(e)
+        except Exception:
+            status, detail = "fail", traceback.format_exc()
+        results[name] = {"status": status, "detail": detail, "s": round(time.perf_counter() - t0, 3)}
+        with open(f"{out_prefix}.{rank}.json", "w") as f:
+            json.dump(results, f)
+        dist.barrier()  # the next check starts together on both ranks
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
