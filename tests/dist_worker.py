@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -265,6 +266,49 @@ def _mesh2d(ctx, backend):
         assert_same(f"{kind} mesh {tuple(mesh.shape)} {pls} {shape} {dtype}", sharded, single, dts)
 
 
+@check("random[reference]")
+def _random(ctx):
+    """40 random cases (seeded: both ranks draw the same): shapes up to 4-D with dims 1..9 or a
+    long fan-in (histograms with many keys per digit), any placement on the 1-D and 2-D meshes,
+    every kind, dtype, style, mask, rates and seed."""
+    rng = torch.Generator().manual_seed(2026)
+
+    def pick(seq):
+        return seq[int(torch.randint(len(seq), (), generator=rng))]
+    S0, S1, R = Shard(0), Shard(1), Replicate()
+    layouts = [(ctx.mesh, [S0]), (ctx.mesh, [S1]), (ctx.mesh, [R]), (ctx.mesh21, [S0, S1]), (ctx.mesh12, [S0, S1]),
+               (ctx.mesh21, [S1, S0])]
+    for i in range(40):
+        ndim = pick([2, 2, 3, 4])
+        shape = tuple(int(d) for d in torch.randint(1, 10, (ndim,), generator=rng))
+        if i % 5 == 0:
+            shape = (shape[0], pick([257, 300, 1000]))
+        mesh, pls = pick(layouts)
+        kind, dtype, style, mask = pick(["weight", "unit", "nm"]), pick(DTYPES), pick(oracle.STYLES), pick(MASKS)
+        drop, targ = float(torch.rand((), generator=rng)), pick([0.0, 1.0, float(torch.rand((), generator=rng))])
+        seed = int(torch.randint(0, 2**62, (), generator=rng)) * 2 + i % 2
+        if kind == "nm":  # every shard's fan-in on group boundaries: m divides the kernel size, or 2-D halves
+            m = pick([2, 4, 8])
+            if len(shape) == 2:
+                shape = (shape[0], 2 * m * pick([1, 2, 3]))
+            elif math.prod(shape[2:]) % m:
+                shape = shape[:-1] + (shape[-1] * m,)
+            n = int(torch.randint(1, m, (), generator=rng))
+
+            def fn(w):
+                return td.targeted_nm_dropout(w, drop, n=n, m=m, seed=seed, backend="reference", mask=mask)
+        elif kind == "weight":
+            def fn(w):
+                return td.targeted_weight_dropout(w, drop, targ, seed=seed, backend="reference", mask=mask)
+        else:
+            def fn(w):
+                return td.targeted_unit_dropout(w, drop, targ, seed=seed, backend="reference")
+        w = weight(shape, dtype, style, 1000 + i)
+        sharded, single, dts = run_both(fn, w, mesh, pls, grad_out(shape, dtype, i))
+        assert_same(f"random case {i}: {kind} mesh {tuple(mesh.shape)} {pls} {shape} {dtype} {style} mask={mask} "
+                    f"rates={drop, targ} seed={seed}", sharded, single, dts)
+
+
 # ---- seeds -------------------------------------------------------------------------------
 @per_backend("seed-none")
 def _seed_none(ctx, backend):
@@ -422,6 +466,48 @@ def _misc(ctx):
         oracle.assert_bits_equal(solo_out.to_local(), td.targeted_weight_dropout(w, .5, .5, seed=9, backend="reference"))
     else:
         assert solo_out.to_local().numel() == 0
+
+
+@check("non-contiguous")
+def _non_contiguous(ctx):
+    """A transposed DTensor (Shard(0) seen as Shard(1), local shards not contiguous)."""
+    b = weight((6, 8), torch.float32, "ties", 8)
+    a_dt = distribute_tensor(b, ctx.mesh, [Shard(0)]).requires_grad_()
+    outs, grads = [], []
+    for mask in MASKS:
+        out_dt = td.targeted_weight_dropout(a_dt.t(), .5, .5, seed=3, backend="reference", mask=mask)
+        (g_dt,) = torch.autograd.grad(out_dt, a_dt, distribute_tensor(torch.ones(8, 6), ctx.mesh, [Shard(1)]))
+        outs.append(out_dt.full_tensor())
+        grads.append(g_dt.full_tensor())
+    assert out_dt.placements == (Shard(1),) and out_dt.stride() == (6, 1), (out_dt.placements, out_dt.stride())
+    w = b.t().requires_grad_()
+    want = td.targeted_weight_dropout(w, .5, .5, seed=3, backend="reference")
+    (want_g,) = torch.autograd.grad(want, w, torch.ones(8, 6))
+    for out, g in zip(outs, grads):
+        oracle.assert_bits_equal(out, want.detach())
+        oracle.assert_bits_equal(g, want_g.t())
+
+
+@check("meta")
+def _meta(ctx):
+    """Deferred initialisation: a DTensor whose shards are on the meta device (FSDP2 before
+    materialising) gives meta shards of the right shapes, forward and backward, and exchanges
+    nothing."""
+    local_shapes = {Shard(0): (3, 8), Shard(1): (6, 4), Replicate(): (6, 8)}
+    funcs = [lambda w: td.targeted_weight_dropout(w, .5, .5), lambda w: td.targeted_unit_dropout(w, .5, .5),
+             lambda w: td.targeted_nm_dropout(w, .5, mask="bits"), lambda w: td.prune_weights(w, .5)]
+    with Comms() as comms:
+        for (pl, shape), fn in itertools.product(local_shapes.items(), funcs):
+            def meta_dt():
+                return DTensor.from_local(torch.empty(shape, device="meta"), ctx.mesh, [pl], run_check=False,
+                                          shape=(6, 8), stride=(8, 1))
+            w_dt = meta_dt().requires_grad_()
+            out = fn(w_dt)
+            (g,) = torch.autograd.grad(out, w_dt, meta_dt())
+            for t in (out, g):
+                assert t.placements == (pl,) and t.shape == (6, 8), (pl, t.placements, t.shape)
+                assert t.to_local().device.type == "meta" and t.to_local().shape == shape, (pl, t.to_local())
+    assert comms.calls == [], comms.calls
 
 
 # ---- the process ---------------------------------------------------------------------------
