@@ -68,7 +68,7 @@ def _placement_error(w, mesh_dim: int, p) -> ValueError:
     if isinstance(p, Partial):
         why = ("the shards hold unreduced partial values, not the weight: redistribute it to Shard or "
                "Replicate first")
-    elif isinstance(p, Shard) and type(p) is Shard:  # a plain Shard of a kernel dimension
+    elif type(p) is Shard:  # of a kernel dimension
         why = (f"it splits dim {p.dim} of w (shape {shape}): each unit's fan-in would be cut into strided "
                "pieces, which no window describes")
     elif "Strided" in type(p).__name__:
@@ -98,14 +98,13 @@ def _groups(mesh, dims) -> list:
 def _layout(w, coordinate) -> _Layout:
     shape = tuple(w.shape)
     inner = math.prod(shape[2:])
-    local_shape, offset = _compute_local_shape_and_global_offset(shape, w.device_mesh.shape, coordinate,
+    _local_shape, offset = _compute_local_shape_and_global_offset(shape, w.device_mesh.shape, coordinate,
                                                                  w.placements)
     mesh, placements = w.device_mesh, w.placements
     row_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim == 0]
     fan_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim == 1]
-    U = shape[0]
-    return _Layout(U, math.prod(shape[1:]), offset[0] if local_shape[0] else U, offset[1] * inner,
-                   _groups(mesh, row_dims), _groups(mesh, fan_dims))
+    return _Layout(shape[0], math.prod(shape[1:]), offset[0], offset[1] * inner, _groups(mesh, row_dims),
+                   _groups(mesh, fan_dims))
 
 
 def _agreed_seed(seed, mesh, device) -> int:
@@ -131,8 +130,8 @@ def _radix_limits(w2d, k: int, F: int, groups) -> torch.Tensor:
     Every rank of a group sees the same sums, so all find the same threshold."""
     U, f = w2d.shape
     dev = w2d.device
-    key = rank_keys(w2d).reshape(-1)
-    row = torch.arange(U, device=dev).repeat_interleave(f)
+    key = rank_keys(w2d).to(torch.int32).reshape(-1)  # keys < 2**31; int32 halves the temporaries
+    row = torch.arange(U, dtype=torch.int32 if U * 256 < 2**31 else torch.int64, device=dev).repeat_interleave(f)
     hist_dtype = torch.int32 if F < 2**31 else torch.int64
     prefix = torch.zeros(U, dtype=torch.int64, device=dev)
     rem = torch.full((U,), k, dtype=torch.int64, device=dev)

@@ -13,11 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 import dist_worker  # noqa: E402
+import oracle  # noqa: E402
+
+from td_kernels import distributed  # noqa: E402
+from td_kernels import reference as R  # noqa: E402
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 TIMEOUT_S = 300
@@ -79,3 +85,23 @@ def test_group_exits_cleanly(run):
     assert run.codes == [0] * dist_worker.WORLD, "\n".join(run.why_missing(r) for r in range(dist_worker.WORLD))
     print(f"2-process group: {run.seconds:.1f} s wall; slowest checks: " + ", ".join(
         f"{n} {v['s']:.2f}s" for n, v in sorted(run.results[0].items(), key=lambda kv: -kv[1]["s"])[:5]))
+
+
+# ---- the selection without a group: the radix select itself, against the reference ---------
+@given(shape=st.sampled_from([(1, 1), (1, 2), (3, 7), (5, 33), (2, 300), (4, 3, 3, 3)]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+       style=st.sampled_from(oracle.STYLES), data_seed=st.integers(0, 2**32 - 1), targ_rate=st.floats(0, 1))
+@settings(max_examples=60)
+def test_radix_limits_match_reference(shape, dtype, style, data_seed, targ_rate):
+    """With no process group the radix select is a local selection: it must find exactly the
+    reference's limits (ties, +-0, NaN payloads, inf, every dtype's key widening)."""
+    w2d = oracle.make_weight(shape, dtype, style, data_seed).reshape(shape[0], -1)
+    F = w2d.shape[1]
+    k = R.count(targ_rate, F)
+    if not 0 < k < F:
+        k = max(1, min(F - 1, k))
+        if not 0 < k < F:
+            return  # F == 1: no selection to make
+    got = distributed._radix_limits(w2d, k, F, [])
+    assert got.dtype == torch.int32
+    assert torch.equal(got, R.weight_limits(w2d, k))
