@@ -12,6 +12,7 @@ same seed, bit for bit (``oracle.assert_bits_equal``), forward and backward.
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -75,6 +76,7 @@ def per_backend(name):
 
 
 # ---- capability probe --------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def missing_capability(backend: str, kind: str):
     """None when ``backend``'s launchers serve what the sharded path asks of ``kind`` (windows,
     given limits, bit masks), else the launcher's NotImplementedError. Only NotImplementedError
@@ -117,10 +119,6 @@ class Context:
 
 def dtypes_of(backend):
     return [d for d in DTYPES if d in _registry.resolve(backend, torch.device("cpu"), torch.float32).dtypes]
-
-
-def weight(shape, dtype, style, data_seed):
-    return oracle.make_weight(shape, dtype, style, data_seed)
 
 
 def grad_out(shape, dtype, seed):
@@ -200,7 +198,7 @@ def _kind_check(kind, ctx, backend, placement):
         else:
             def fn(w):
                 return td.targeted_unit_dropout(w, drop, targ, seed=seed, backend=backend)
-        w = weight(shape, dtype, style, n_case)
+        w = oracle.make_weight(shape, dtype, style, n_case)
         sharded, single, dts = run_both(fn, w, ctx.mesh, [placement], grad_out(shape, dtype, n_case))
         assert_same(f"{kind} {placement} {shape} {dtype} {style} mask={mask} rates={drop, targ}", sharded, single, dts)
 
@@ -219,7 +217,7 @@ def _nm_check(ctx, backend, placement):
 
         def fn(w):
             return td.targeted_nm_dropout(w, drop, n=n, m=m, seed=31 * i, backend=backend, mask=mask)
-        w = weight(shape, dtype, style, i)
+        w = oracle.make_weight(shape, dtype, style, i)
         sharded, single, dts = run_both(fn, w, ctx.mesh, [placement], grad_out(shape, dtype, i))
         assert_same(f"nm {n}:{m} {placement} {shape} {dtype} {style} mask={mask} drop={drop}", sharded, single, dts)
 
@@ -239,7 +237,7 @@ def _prune(ctx, backend):
         for i, (shape, pl) in enumerate(itertools.product(((6, 8), (5, 4, 2, 2), (3, 16)), PLACEMENTS)):
             if not thinned(backend, i):
                 continue
-            w = weight(shape, torch.float32, oracle.STYLES[i % 3], i)
+            w = oracle.make_weight(shape, torch.float32, oracle.STYLES[i % 3], i)
             sharded, single, dts = run_both(fn, w, ctx.mesh, [pl], grad_out(shape, torch.float32, i))
             assert_same(f"prune {kind} {pl} {shape}", sharded, single, dts)
 
@@ -261,7 +259,7 @@ def _mesh2d(ctx, backend):
         fn = {"weight": lambda w: td.targeted_weight_dropout(w, 0.6, 0.45, seed=i, backend=backend, mask=MASKS[i % 2]),
               "unit": lambda w: td.targeted_unit_dropout(w, 0.6, 0.45, seed=i, backend=backend),
               "nm": lambda w: td.targeted_nm_dropout(w, 0.6, seed=i, backend=backend, mask=MASKS[i % 2])}[kind]
-        w = weight(shape, dtype, oracle.STYLES[i % 3], i)
+        w = oracle.make_weight(shape, dtype, oracle.STYLES[i % 3], i)
         sharded, single, dts = run_both(fn, w, mesh, pls, grad_out(shape, dtype, i))
         assert_same(f"{kind} mesh {tuple(mesh.shape)} {pls} {shape} {dtype}", sharded, single, dts)
 
@@ -303,7 +301,7 @@ def _random(ctx):
         else:
             def fn(w):
                 return td.targeted_unit_dropout(w, drop, targ, seed=seed, backend="reference")
-        w = weight(shape, dtype, style, 1000 + i)
+        w = oracle.make_weight(shape, dtype, style, 1000 + i)
         sharded, single, dts = run_both(fn, w, mesh, pls, grad_out(shape, dtype, i))
         assert_same(f"random case {i}: {kind} mesh {tuple(mesh.shape)} {pls} {shape} {dtype} {style} mask={mask} "
                     f"rates={drop, targ} seed={seed}", sharded, single, dts)
@@ -322,7 +320,7 @@ def _seed_none(ctx, backend):
         for kind, fn in calls.items():
             if missing_capability(backend, kind):
                 continue
-            w = weight((6, 8), torch.float32, "normal", 3)
+            w = oracle.make_weight((6, 8), torch.float32, "normal", 3)
             torch.manual_seed(100 + ctx.rank)
             got = fn(distribute_tensor(w, mesh, pls)).full_tensor()
             after = torch.randint(0, 2**62, (4,))
@@ -340,28 +338,29 @@ def _seed_none(ctx, backend):
 def _collectives(ctx):
     """What each call exchanges (docs/notes/distributed.md): no gather of W, ever; nothing in
     the backward; the counts and sizes below."""
-    R_ = "reference"
-    w8 = weight((6, 8), torch.float32, "normal", 0)
+    w8 = oracle.make_weight((6, 8), torch.float32, "normal", 0)
+
+    def wd(targ=.5, **kw):
+        return lambda w: td.targeted_weight_dropout(w, .5, targ, backend="reference", **kw)
+
+    def ud(w):
+        return td.targeted_unit_dropout(w, .5, .5, seed=1, backend="reference")
+    S0, S1, R, f32, f16, bf16 = Shard(0), Shard(1), Replicate(), torch.float32, torch.float16, torch.bfloat16
+    hist = ("allreduce_", (6, 256), torch.int32)  # one radix round: [U_local, 256] digit counts
     expect = [  # (what, placement, dtype, call, [(op, shape, dtype)])
-        ("weight rows whole", Shard(0), torch.float32, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_), []),
-        ("weight replicated", Replicate(), torch.float32, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_), []),
-        ("weight split f32", Shard(1), torch.float32, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_),
-         [("allreduce_", (6, 256), torch.int32)] * 4),
-        ("weight split f16", Shard(1), torch.float16, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_),
-         [("allreduce_", (6, 256), torch.int32)] * 3),
-        ("weight split bf16", Shard(1), torch.bfloat16, lambda w: td.targeted_weight_dropout(w, .5, .5, seed=1, backend=R_),
-         [("allreduce_", (6, 256), torch.int32)] * 2),
-        ("weight split k=F", Shard(1), torch.float32, lambda w: td.targeted_weight_dropout(w, .5, 1.0, seed=1, backend=R_), []),
-        ("weight split seed=None", Shard(1), torch.bfloat16, lambda w: td.targeted_weight_dropout(w, .5, .5, backend=R_),
-         [("broadcast_", (1,), torch.int64)] + [("allreduce_", (6, 256), torch.int32)] * 2),
-        ("unit rows", Shard(0), torch.float32, lambda w: td.targeted_unit_dropout(w, .5, .5, seed=1, backend=R_),
-         [("allreduce_", (6,), torch.float64)]),
-        ("unit fan-in", Shard(1), torch.float32, lambda w: td.targeted_unit_dropout(w, .5, .5, seed=1, backend=R_),
-         [("allreduce_", (6,), torch.float64)]),
-        ("unit replicated", Replicate(), torch.float32, lambda w: td.targeted_unit_dropout(w, .5, .5, seed=1, backend=R_), []),
-        ("nm", Shard(1), torch.float32, lambda w: td.targeted_nm_dropout(w, .5, seed=1, backend=R_), []),
-        ("prune split", Shard(1), torch.float32, lambda w: td.prune_weights(w, .5, backend=R_),
-         [("allreduce_", (6, 256), torch.int32)] * 4),
+        ("weight rows whole", S0, f32, wd(seed=1), []),
+        ("weight replicated", R, f32, wd(seed=1), []),
+        ("weight split f32", S1, f32, wd(seed=1), [hist] * 4),
+        ("weight split f16", S1, f16, wd(seed=1), [hist] * 3),
+        ("weight split bf16", S1, bf16, wd(seed=1), [hist] * 2),
+        ("weight split k=F", S1, f32, wd(targ=1.0, seed=1), []),
+        ("weight split k=0", S1, f32, wd(targ=0.0, seed=1), []),
+        ("weight split seed=None", S1, bf16, wd(), [("broadcast_", (1,), torch.int64)] + [hist] * 2),
+        ("unit rows", S0, f32, ud, [("allreduce_", (6,), torch.float64)]),
+        ("unit fan-in", S1, f32, ud, [("allreduce_", (6,), torch.float64)]),
+        ("unit replicated", R, f32, ud, []),
+        ("nm", S1, f32, lambda w: td.targeted_nm_dropout(w, .5, seed=1, backend="reference"), []),
+        ("prune split", S1, f32, lambda w: td.prune_weights(w, .5, backend="reference"), [hist] * 4),
     ]
     seen = []
     for what, pl, dtype, fn, want in expect:
@@ -437,7 +436,7 @@ def _nm_misaligned(ctx):
 
 @check("misc")
 def _misc(ctx):
-    w = weight((6, 8), torch.float32, "normal", 5)
+    w = oracle.make_weight((6, 8), torch.float32, "normal", 5)
     w_dt = distribute_tensor(w, ctx.mesh, [Shard(1)])
     # eval mode returns the DTensor itself
     assert td.targeted_weight_dropout(w_dt, .5, .5, training=False) is w_dt
@@ -471,7 +470,7 @@ def _misc(ctx):
 @check("non-contiguous")
 def _non_contiguous(ctx):
     """A transposed DTensor (Shard(0) seen as Shard(1), local shards not contiguous)."""
-    b = weight((6, 8), torch.float32, "ties", 8)
+    b = oracle.make_weight((6, 8), torch.float32, "ties", 8)
     a_dt = distribute_tensor(b, ctx.mesh, [Shard(0)]).requires_grad_()
     outs, grads = [], []
     for mask in MASKS:
@@ -512,11 +511,12 @@ def _meta(ctx):
 
 # ---- the process ---------------------------------------------------------------------------
 def main(rank: int, store_file: str, out_prefix: str) -> None:
+    imported = time.time()  # the parent reports the start-up (interpreter, imports) from it
     torch.set_num_threads(1)  # 2 processes on 2 shared cores
     dist.init_process_group("gloo", store=dist.FileStore(store_file, WORLD), rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     ctx = Context(rank)
-    results = {}
+    results = {"__imported__": {"status": "info", "detail": "time.time() when main() began", "s": imported}}
     for name, fn in CHECKS.items():
         t0 = time.perf_counter()
         torch.manual_seed(0)
