@@ -111,6 +111,8 @@ def require(backend, kind):
 class Context:
     def __init__(self, rank):
         self.rank = rank
+        self.cases = 0  # compare() calls so far in this check, the same on both ranks
+        self.failures = []  # compare() mismatches in this check
         self.mesh = init_device_mesh("cpu", (WORLD,))
         # 2-D meshes of 2 ranks: every code path that combines mesh dims, with one dim of size 1
         self.mesh21 = init_device_mesh("cpu", (2, 1), mesh_dim_names=("a", "b"))
@@ -126,22 +128,18 @@ def grad_out(shape, dtype, seed):
     return torch.randn(shape, generator=g).to(dtype)
 
 
-def run_both(fn, w_full, mesh, placements, grad):
-    """``fn`` on the DTensor of ``w_full`` and on ``w_full`` itself: ((out, grad) sharded as full
-    tensors, (out, grad) single-process, the sharded out and grad DTensors). Collectives first."""
+def compare(ctx, case, fn, w_full, mesh, placements, grad):
+    """``fn`` on the DTensor of ``w_full`` (forward, and backward with ``grad`` sharded alike)
+    against ``fn`` on ``w_full`` itself, bit for bit; mesh, placements, shape, stride and local
+    shapes of the results. Collectives first. Both ranks see the same full tensors, so the
+    single-process side runs on one rank per case, in turn (the two share 2 cores). A mismatch
+    is recorded in ``ctx.failures``, not raised: the check goes on in step with the other rank
+    (whose collectives would otherwise wait), and fails at its end."""
     w_dt = distribute_tensor(w_full, mesh, placements).requires_grad_()
     out_dt = fn(w_dt)
-    g_dt = distribute_tensor(grad, mesh, placements)
-    (gw_dt,) = torch.autograd.grad(out_dt, w_dt, g_dt)
+    (gw_dt,) = torch.autograd.grad(out_dt, w_dt, distribute_tensor(grad, mesh, placements))
     sharded = (out_dt.full_tensor(), gw_dt.full_tensor())
-    w = w_full.clone().requires_grad_()
-    out = fn(w)
-    (gw,) = torch.autograd.grad(out, w, grad)
-    return sharded, (out.detach(), gw), (w_dt, out_dt, gw_dt)
-
-
-def assert_same(case, sharded, single, dts):
-    w_dt, out_dt, gw_dt = dts
+    ctx.cases += 1
     try:
         assert isinstance(out_dt, DTensor) and isinstance(gw_dt, DTensor)
         assert out_dt.device_mesh == w_dt.device_mesh, "mesh"
@@ -149,17 +147,26 @@ def assert_same(case, sharded, single, dts):
         assert out_dt.shape == w_dt.shape and out_dt.dtype == w_dt.dtype
         assert out_dt.stride() == torch.empty(w_dt.shape, device="meta").stride()
         assert out_dt.to_local().shape == w_dt.to_local().shape
-        oracle.assert_bits_equal(sharded[0], single[0])
-        oracle.assert_bits_equal(sharded[1], single[1])
+        if ctx.cases % WORLD == ctx.rank:
+            w = w_full.clone().requires_grad_()
+            out = fn(w)
+            (gw,) = torch.autograd.grad(out, w, grad)
+            oracle.assert_bits_equal(sharded[0], out.detach())
+            oracle.assert_bits_equal(sharded[1], gw)
     except AssertionError as e:
-        raise AssertionError(f"{case}: {e}") from None
+        ctx.failures.append(f"{case}: {e}")
 
 
 def thinned(backend, i):
-    """Whether case ``i`` runs on ``backend``: all on the reference, every third (rotating) on
-    the others, whose windows are tested against the reference in their own tests (and the
-    Triton interpreter is slow)."""
-    return backend == "reference" or i % 3 == (i // 3) % 3
+    """Whether case ``i`` of a check runs on ``backend``: every case on the reference; on the
+    others (whose windows are tested against the reference in their own tests) every third,
+    rotating; under the Triton interpreter (CPU), which is slow, cases 4 and 17 only (of 18:
+    (5, 7) float16 and the conv (3, 5, 2, 2) bfloat16 in :func:`cases`)."""
+    if backend == "reference":
+        return True
+    if backend == "triton":
+        return i % 13 == 4
+    return i % 3 == (i // 3) % 3
 
 
 def cases(backend):
@@ -199,8 +206,8 @@ def _kind_check(kind, ctx, backend, placement):
             def fn(w):
                 return td.targeted_unit_dropout(w, drop, targ, seed=seed, backend=backend)
         w = oracle.make_weight(shape, dtype, style, n_case)
-        sharded, single, dts = run_both(fn, w, ctx.mesh, [placement], grad_out(shape, dtype, n_case))
-        assert_same(f"{kind} {placement} {shape} {dtype} {style} mask={mask} rates={drop, targ}", sharded, single, dts)
+        compare(ctx, f"{kind} {placement} {shape} {dtype} {style} mask={mask} rates={drop, targ}", fn, w, ctx.mesh,
+                [placement], grad_out(shape, dtype, n_case))
 
 
 for _kind in ("weight", "unit"):
@@ -218,8 +225,8 @@ def _nm_check(ctx, backend, placement):
         def fn(w):
             return td.targeted_nm_dropout(w, drop, n=n, m=m, seed=31 * i, backend=backend, mask=mask)
         w = oracle.make_weight(shape, dtype, style, i)
-        sharded, single, dts = run_both(fn, w, ctx.mesh, [placement], grad_out(shape, dtype, i))
-        assert_same(f"nm {n}:{m} {placement} {shape} {dtype} {style} mask={mask} drop={drop}", sharded, single, dts)
+        compare(ctx, f"nm {n}:{m} {placement} {shape} {dtype} {style} mask={mask} drop={drop}", fn, w, ctx.mesh,
+                [placement], grad_out(shape, dtype, i))
 
 
 for _pl in PLACEMENTS:
@@ -238,8 +245,7 @@ def _prune(ctx, backend):
             if not thinned(backend, i):
                 continue
             w = oracle.make_weight(shape, torch.float32, oracle.STYLES[i % 3], i)
-            sharded, single, dts = run_both(fn, w, ctx.mesh, [pl], grad_out(shape, torch.float32, i))
-            assert_same(f"prune {kind} {pl} {shape}", sharded, single, dts)
+            compare(ctx, f"prune {kind} {pl} {shape}", fn, w, ctx.mesh, [pl], grad_out(shape, torch.float32, i))
 
 
 @per_backend("2d-mesh")
@@ -260,8 +266,8 @@ def _mesh2d(ctx, backend):
               "unit": lambda w: td.targeted_unit_dropout(w, 0.6, 0.45, seed=i, backend=backend),
               "nm": lambda w: td.targeted_nm_dropout(w, 0.6, seed=i, backend=backend, mask=MASKS[i % 2])}[kind]
         w = oracle.make_weight(shape, dtype, oracle.STYLES[i % 3], i)
-        sharded, single, dts = run_both(fn, w, mesh, pls, grad_out(shape, dtype, i))
-        assert_same(f"{kind} mesh {tuple(mesh.shape)} {pls} {shape} {dtype}", sharded, single, dts)
+        compare(ctx, f"{kind} mesh {tuple(mesh.shape)} {pls} {shape} {dtype}", fn, w, mesh, pls,
+                grad_out(shape, dtype, i))
 
 
 @check("random[reference]")
@@ -302,35 +308,33 @@ def _random(ctx):
             def fn(w):
                 return td.targeted_unit_dropout(w, drop, targ, seed=seed, backend="reference")
         w = oracle.make_weight(shape, dtype, style, 1000 + i)
-        sharded, single, dts = run_both(fn, w, mesh, pls, grad_out(shape, dtype, i))
-        assert_same(f"random case {i}: {kind} mesh {tuple(mesh.shape)} {pls} {shape} {dtype} {style} mask={mask} "
-                    f"rates={drop, targ} seed={seed}", sharded, single, dts)
+        compare(ctx, f"random case {i}: {kind} mesh {tuple(mesh.shape)} {pls} {shape} {dtype} {style} mask={mask} "
+                f"rates={drop, targ} seed={seed}", fn, w, mesh, pls, grad_out(shape, dtype, i))
 
 
 # ---- seeds -------------------------------------------------------------------------------
-@per_backend("seed-none")
-def _seed_none(ctx, backend):
+@check("seed-none")
+def _seed_none(ctx):
     """Ranks whose default generators differ agree on the draw of the mesh's first rank, and
-    each rank's generator advances by one draw, as a single process's would."""
-    calls = {"weight": lambda w: td.targeted_weight_dropout(w, 0.5, 0.5, backend=backend),
-             "unit": lambda w: td.targeted_unit_dropout(w, 0.5, 0.5, backend=backend),
-             "nm": lambda w: td.targeted_nm_dropout(w, 0.5, backend=backend)}
-    for mesh, pls in ((ctx.mesh, [Shard(1)]), (ctx.mesh, [Replicate()]), (ctx.mesh12, [Shard(0), Shard(1)]),
-                      (ctx.mesh21, [Shard(0), Replicate()])):
-        for kind, fn in calls.items():
-            if missing_capability(backend, kind):
-                continue
-            w = oracle.make_weight((6, 8), torch.float32, "normal", 3)
-            torch.manual_seed(100 + ctx.rank)
-            got = fn(distribute_tensor(w, mesh, pls)).full_tensor()
-            after = torch.randint(0, 2**62, (4,))
-            torch.manual_seed(100)  # the mesh's first rank is global rank 0 here
-            want = fn(w)
-            torch.manual_seed(100 + ctx.rank)
-            td.api._seed_tensor(None)  # the one draw a single-process call makes
-            want_after = torch.randint(0, 2**62, (4,))
-            oracle.assert_bits_equal(got, want)
-            assert torch.equal(after, want_after), f"{kind}: the default generator advanced by more than one draw"
+    each rank's generator advances by one draw, as a single process's would. (The seed logic
+    does not depend on the backend.)"""
+    calls = {"weight": lambda w: td.targeted_weight_dropout(w, 0.5, 0.5, backend="reference"),
+             "unit": lambda w: td.targeted_unit_dropout(w, 0.5, 0.5, backend="reference"),
+             "nm": lambda w: td.targeted_nm_dropout(w, 0.5, backend="reference")}
+    layouts = ((ctx.mesh, [Shard(1)]), (ctx.mesh, [Replicate()]), (ctx.mesh12, [Shard(0), Shard(1)]),
+               (ctx.mesh21, [Shard(0), Replicate()]))
+    for (mesh, pls), (kind, fn) in itertools.product(layouts, calls.items()):
+        w = oracle.make_weight((6, 8), torch.float32, "normal", 3)
+        torch.manual_seed(100 + ctx.rank)
+        got = fn(distribute_tensor(w, mesh, pls)).full_tensor()
+        after = torch.randint(0, 2**62, (4,))
+        torch.manual_seed(100)  # the mesh's first rank is global rank 0 here
+        want = fn(w)
+        torch.manual_seed(100 + ctx.rank)
+        td.api._seed_tensor(None)  # the one draw a single-process call makes
+        want_after = torch.randint(0, 2**62, (4,))
+        oracle.assert_bits_equal(got, want)
+        assert torch.equal(after, want_after), f"{kind} {pls}: the default generator advanced by more than one draw"
 
 
 # ---- collectives -------------------------------------------------------------------------
@@ -520,8 +524,11 @@ def main(rank: int, store_file: str, out_prefix: str) -> None:
     for name, fn in CHECKS.items():
         t0 = time.perf_counter()
         torch.manual_seed(0)
+        ctx.cases, ctx.failures = 0, []
         try:
             fn(ctx)
+            if ctx.failures:
+                raise AssertionError(f"{len(ctx.failures)} mismatches; the first:\n" + "\n".join(ctx.failures[:5]))
             status, detail = "pass", ""
         except Skip as e:
             status, detail = "skip", str(e)
