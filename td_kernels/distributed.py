@@ -205,6 +205,7 @@ def _check_nm_alignment(w, lay: _Layout, m: int) -> None:
                 f"that every shard's columns are a multiple of m, or use Shard(0)/Replicate()")
 
 
+@torch.compiler.disable  # eager under torch.compile: host-side layout, c10d collectives (see the notes)
 def sharded_targeting(kind: str, w, *, drop_rate, targ_rate=None, n=None, m=None, seed=None, backend="auto",
                       mask=None):
     """``kind`` ("weight", "unit", "nm") targeting of the DTensor ``w`` (arguments already checked
