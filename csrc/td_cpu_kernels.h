@@ -1,0 +1,345 @@
+// td_cpu_kernels.h -- the CPU kernels' row loops, torch-free (raw pointers, no ATen), so the
+// host unit test csrc/tests/test_core.cpp runs exactly the loops td_cpu.cpp runs; td_cpu.cpp
+// only allocates tensors and splits the work into pieces across threads.
+//
+// A piece is the columns [j0, j1) of one row u, j0 a multiple of 32 (so a piece owns whole
+// words of the bit-packed mask, and threads never share a word). Column j sits at the stream
+// position pos0 + j, pos0 = origin + u * row_stride (td_core.h, Window).
+//
+//   apply_row       out = keep ? val : +0 with keep = !(candidate && word(pos) < D); optionally
+//                   also writes keep bits. The candidates come from W's rank values and the
+//                   row's limit (weight targeting, CandKeys) or from a bit array (N:M targeting,
+//                   CandBits, filled by nm_candidates). Philox4x32-10 once per 4 positions.
+//                   With AVX2 (32- and 16-bit types) the words of 96 positions at a time stay in
+//                   registers and are used at once (apply_tiles_avx2); otherwise, and for the
+//                   few positions before the first block boundary and after the last whole
+//                   tile, 1024 words at a time go through a 4 KiB buffer in L1. No words at all
+//                   when D is 0 or 2**32 or the row has no candidate.
+//   apply_bits_row  out = keep ? val : +0 with keep read from the bit mask (the backward that
+//                   reads only grad and bits: no W, no Philox).
+//   nm_candidates   the N:M candidate bits of a piece: per group of m, the m - n first in
+//                   (key, j) order (td::nm_group_candidates, O(m**2) compares per group).
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "td_core.h"
+#include "td_cpu_philox.h"
+#include "td_select.h"
+
+namespace td {
+
+constexpr uint64_t kDropAll = uint64_t(1) << 32;  // D = 2**32: every candidate drops
+constexpr int64_t kWordsChunk = 1024;             // words per Philox batch: 4 KiB, stays in L1
+
+// Weight targeting: column j is a candidate iff rv(wk[j]) <= lim (lim in rank-value space,
+// Fm::rv_limit of the row's limit; -1 = no candidate).
+struct CandKeys {
+  int32_t lim;
+};
+// N:M targeting: column j is a candidate iff bit (j - col0) of `bits` is set (nwords words).
+struct CandBits {
+  const uint32_t* bits;
+  int64_t col0, nwords;
+};
+
+template <class Fm>
+inline bool is_candidate(const CandKeys& c, const typename Fm::S* wk, int64_t j) {
+  return (int32_t)Fm::rv(wk[j]) <= c.lim;
+}
+template <class Fm>
+inline bool is_candidate(const CandBits& c, const typename Fm::S*, int64_t j) {
+  return bit_at(c.bits, j - c.col0);
+}
+
+// Keep bits of the columns [j0, j1) of a row all set (j0 a multiple of 32, words zeroed).
+inline void set_keep_bits(uint32_t* bits, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; j += 32) bits[j >> 5] = j1 - j >= 32 ? ~0u : (1u << (j1 - j)) - 1u;
+}
+
+// The general loop over columns [a, b) (any alignment): words through an L1 buffer (none when
+// kAll: D = 2**32), keep bits OR-ed into `bits` (zeroed by the caller) when given.
+template <class Fm, class Cand, bool kAll>
+void apply_scalar(const typename Fm::S* __restrict wk, const typename Fm::S* __restrict val,
+                  typename Fm::S* __restrict out, int64_t a, int64_t b, uint64_t pos0, const Cand& cand,
+                  uint64_t seed, uint32_t D32, uint32_t* bits) {
+  using S = typename Fm::S;
+  alignas(64) uint32_t words[kWordsChunk + 8];
+  uint32_t acc = 0;  // keep bits of the current word, flushed at each word's last column
+  while (a < b) {
+    const int64_t n = std::min(kWordsChunk, b - a);
+    const uint64_t p = pos0 + (uint64_t)a;
+    if (!kAll) philox_blocks(seed, p >> 2, (int64_t)(((p + n - 1) >> 2) - (p >> 2) + 1), words);
+    const uint32_t* wd = words + (p & 3);
+    for (int64_t i = 0; i < n; ++i) {  // branch-free: drops are random, branches would miss
+      const int64_t j = a + i;
+      const uint32_t drop = (uint32_t)is_candidate<Fm>(cand, wk, j) & (kAll ? 1u : (uint32_t)(wd[i] < D32));
+      out[j] = val[j] & (S)((S)drop - S(1));
+      if (bits) {
+        acc |= (drop ^ 1u) << (j & 31);
+        if ((j & 31) == 31 || j == b - 1) {
+          bits[j >> 5] |= acc;
+          acc = 0;
+        }
+      }
+    }
+    a += n;
+  }
+}
+
+#if TD_HAVE_AVX2_PATH
+constexpr int kTileGroups = 3;  // Philox groups of 8 blocks interleaved per step (ILP)
+
+// The NON-candidate mask of 32 columns from j, as 4 vectors of 8 (32-bit types) or 2 of 16 lanes.
+template <class Fm>
+__attribute__((target("avx2"), always_inline)) inline void noncand_lanes(const CandKeys& c,
+                                                                         const typename Fm::S* wk, int64_t j,
+                                                                         __m256i* nc) {
+  if constexpr (sizeof(typename Fm::S) == 4) {  // rv = bits & 0x7FFFFFFF, compared as int32
+    const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), limv = _mm256_set1_epi32(c.lim);
+    for (int v = 0; v < 4; ++v) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + j + 8 * v));
+      nc[v] = _mm256_cmpgt_epi32(_mm256_and_si256(w, mag), limv);
+    }
+  } else {  // rv = bits & 0x7FFF <= 0x7FFF: int16 compare with lim clamped to 0x7FFF
+    const __m256i mag = _mm256_set1_epi16(0x7FFF);
+    const __m256i limv = _mm256_set1_epi16((short)std::min<int32_t>(c.lim, 0x7FFF));
+    for (int v = 0; v < 2; ++v) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + j + 16 * v));
+      nc[v] = _mm256_cmpgt_epi16(_mm256_and_si256(w, mag), limv);
+    }
+  }
+}
+template <class Fm>
+__attribute__((target("avx2"), always_inline)) inline void noncand_lanes(const CandBits& c, const typename Fm::S*,
+                                                                         int64_t j, __m256i* nc) {
+  const uint32_t b = bits32_at(c.bits, j - c.col0, c.nwords);
+  const __m256i zero = _mm256_setzero_si256();
+  if constexpr (sizeof(typename Fm::S) == 4) {
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (int v = 0; v < 4; ++v)
+      nc[v] = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)(b >> (8 * v))), sel), zero);
+  } else {
+    const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                          -32768);
+    for (int v = 0; v < 2; ++v)
+      nc[v] = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)(b >> (16 * v))), sel), zero);
+  }
+}
+
+// 32 columns from j, whose positions start at a multiple of 4, given their 32 words r[0..3]
+// in stream order (kAll: every word counts as below D). Returns the 32 drop bits.
+template <class Fm, class Cand, bool kAll>
+__attribute__((target("avx2"), always_inline)) inline uint32_t tile32(const typename Fm::S* __restrict wk,
+                                                                      const typename Fm::S* __restrict val,
+                                                                      typename Fm::S* __restrict out, int64_t j,
+                                                                      const __m256i* r, const Cand& cand,
+                                                                      uint32_t D32) {
+  using S = typename Fm::S;
+  static_assert(sizeof(S) == 4 || sizeof(S) == 2, "32- or 16-bit family");
+  __m256i nc[4];
+  noncand_lanes<Fm>(cand, wk, j, nc);
+  __m256i lt[4];  // all ones where the word is below D
+  if (kAll) {
+    for (int v = 0; v < 4; ++v) lt[v] = _mm256_set1_epi32(-1);
+  } else {
+    const __m256i sign = _mm256_set1_epi32(INT32_MIN);
+    const __m256i Dx = _mm256_set1_epi32((int)(D32 ^ 0x80000000u));  // word < D: signed compare after ^ sign
+    for (int v = 0; v < 4; ++v) lt[v] = _mm256_cmpgt_epi32(Dx, _mm256_xor_si256(r[v], sign));
+  }
+  uint32_t drop_bits = 0;
+  if constexpr (sizeof(S) == 4) {
+    for (int v = 0; v < 4; ++v) {
+      const __m256i drop = _mm256_andnot_si256(nc[v], lt[v]);
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + j + 8 * v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 8 * v), _mm256_andnot_si256(drop, x));
+      drop_bits |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(drop)) << (8 * v);
+    }
+  } else {
+    __m256i d16[2];
+    for (int v = 0; v < 2; ++v) {
+      // 16-bit masks of 16 words; packs works per 128-bit lane, permute4x64 restores the order
+      const __m256i lt16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(lt[2 * v], lt[2 * v + 1]), 0xD8);
+      d16[v] = _mm256_andnot_si256(nc[v], lt16);
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + j + 16 * v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 16 * v), _mm256_andnot_si256(d16[v], x));
+    }
+    drop_bits = (uint32_t)_mm256_movemask_epi8(_mm256_permute4x64_epi64(_mm256_packs_epi16(d16[0], d16[1]), 0xD8));
+  }
+  return drop_bits;
+}
+
+// Whole 32-column tiles from column j (pos0 + j a multiple of 4) while they fit before b,
+// kTileGroups tiles per Philox step (their words computed together in registers, 1.4x faster
+// than one tile at a time), then single tiles. Returns the first column not done.
+template <class Fm, class Cand, bool kAll>
+__attribute__((target("avx2"))) int64_t apply_tiles_avx2(const typename Fm::S* __restrict wk,
+                                                         const typename Fm::S* __restrict val,
+                                                         typename Fm::S* __restrict out, int64_t j, int64_t b,
+                                                         uint64_t pos0, const Cand& cand, const PhiloxKeys8& keys,
+                                                         uint32_t D32, uint32_t* bits) {
+  __m256i r[4 * kTileGroups];
+  for (; j + 32 * kTileGroups <= b; j += 32 * kTileGroups) {
+    if (!kAll) philox8_avx2<kTileGroups>(keys, (pos0 + (uint64_t)j) >> 2, r);
+    for (int g = 0; g < kTileGroups; ++g) {
+      const uint32_t drop = tile32<Fm, Cand, kAll>(wk, val, out, j + 32 * g, r + 4 * g, cand, D32);
+      if (bits) or_bits32(bits, j + 32 * g, ~drop);
+    }
+  }
+  for (; j + 32 <= b; j += 32) {
+    if (!kAll) philox8_avx2<1>(keys, (pos0 + (uint64_t)j) >> 2, r);
+    const uint32_t drop = tile32<Fm, Cand, kAll>(wk, val, out, j, r, cand, D32);
+    if (bits) or_bits32(bits, j, ~drop);
+  }
+  return j;
+}
+#endif
+
+// Per-thread state of apply_row: the AVX2 Philox round keys, computed once per seed.
+struct ApplyCtx {
+  uint64_t seed = 0;
+  bool fused = false;  // AVX2 tiles available (and the family is 32- or 16-bit)
+#if TD_HAVE_AVX2_PATH
+  PhiloxKeys8 keys;
+  bool have_keys = false;
+  const PhiloxKeys8& keys_for(uint64_t s) {
+    if (!have_keys || s != seed) philox_keys8(s, keys);
+    have_keys = true;
+    seed = s;
+    return keys;
+  }
+#endif
+};
+
+template <class Fm, class Cand, bool kAll>
+void apply_general(const typename Fm::S* wk, const typename Fm::S* val, typename Fm::S* out, int64_t j0,
+                   int64_t j1, uint64_t pos0, const Cand& cand, uint64_t seed, uint32_t D32, uint32_t* bits,
+                   ApplyCtx& ctx) {
+  int64_t j = j0;
+#if TD_HAVE_AVX2_PATH
+  if constexpr (sizeof(typename Fm::S) <= 4) {
+    if (ctx.fused && j1 - j0 >= 35) {  // up to the next block boundary, then whole tiles fused
+      const int64_t head = std::min(j1, j0 + (int64_t)((4 - ((pos0 + (uint64_t)j0) & 3)) & 3));
+      apply_scalar<Fm, Cand, kAll>(wk, val, out, j0, head, pos0, cand, seed, D32, bits);
+      j = apply_tiles_avx2<Fm, Cand, kAll>(wk, val, out, head, j1, pos0, cand,
+                                           kAll ? ctx.keys : ctx.keys_for(seed), D32, bits);
+    }
+  }
+#endif
+  apply_scalar<Fm, Cand, kAll>(wk, val, out, j, j1, pos0, cand, seed, D32, bits);  // the rest
+}
+
+// out[j] = val[j], or +0 where column j of this row is dropped, for j in [j0, j1) (j0 a
+// multiple of 32); keep bits into bits[j / 32] when bits is not null (the row's words).
+// wk and val are one array in the forward (w, w) and two in the backward (w, grad).
+template <class Fm, class Cand>
+void apply_row(const typename Fm::S* wk, const typename Fm::S* val, typename Fm::S* out, int64_t j0, int64_t j1,
+               uint64_t pos0, const Cand& cand, uint64_t seed, uint64_t D, uint32_t* bits, ApplyCtx& ctx) {
+  using S = typename Fm::S;
+  if (j0 >= j1) return;
+  if (bits) memset(bits + (j0 >> 5), 0, sizeof(uint32_t) * (size_t)(((j1 + 31) >> 5) - (j0 >> 5)));
+  bool none = D == 0, all = false;  // no drop at all / every column drops
+  if constexpr (std::is_same<Cand, CandKeys>::value) {
+    none = none || cand.lim < 0;
+    all = D == kDropAll && cand.lim >= (int32_t)((1u << Fm::kBits) - 1);
+  }
+  if (none) {
+    memcpy(out + j0, val + j0, sizeof(S) * (size_t)(j1 - j0));
+    if (bits) set_keep_bits(bits, j0, j1);
+  } else if (all) {
+    memset(out + j0, 0, sizeof(S) * (size_t)(j1 - j0));  // all-zero bits are +0.0; keep bits stay 0
+  } else if (D == kDropAll) {  // every candidate drops: no random words needed (pruning)
+    apply_general<Fm, Cand, true>(wk, val, out, j0, j1, pos0, cand, seed, 0, bits, ctx);
+  } else {
+    apply_general<Fm, Cand, false>(wk, val, out, j0, j1, pos0, cand, seed, (uint32_t)D, bits, ctx);
+  }
+}
+
+// ---- weight targeting: a row's threshold ------------------------------------------------------
+// Scratch of one thread for row_threshold (rows of up to F elements).
+struct SelectScratch {
+  std::vector<uint32_t> buf0, buf1;
+  uint32_t hist[kRadixBins];
+  explicit SelectScratch(int64_t F) : buf0(select_scratch_size(F)), buf1(select_scratch_size(F)) {}
+};
+
+// The rank value at 0-based position k (0 < k < F) of one row: its threshold t (candidates:
+// rv < t). Sample-bracketed selection (td_select.h), AVX2 passes where the CPU has AVX2.
+template <class Fm>
+uint32_t row_threshold(const typename Fm::S* row, int64_t F, int64_t k, SelectScratch& s) {
+#if TD_HAVE_AVX2_PATH
+  const bool simd = cpu_has_avx2();
+#else
+  const bool simd = false;
+#endif
+  return select_rank_sampled<Fm>(row, F, k, s.buf0.data(), s.buf1.data(), s.hist, simd);
+}
+
+// ---- the backward from the bit mask ---------------------------------------------------------
+// out[j] = keep(j) ? val[j] : +0 for j in [j0, j1), j0 a multiple of 32; reads val and the
+// row's bit words only. With AVX2, 32 columns per word: the word's bits widened to lane masks.
+template <class S>
+inline void apply_bits_scalar(const S* __restrict val, S* __restrict out, const uint32_t* bits, int64_t j0,
+                              int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) out[j] = val[j] & (S)(S(0) - (S)((bits[j >> 5] >> (j & 31)) & 1u));
+}
+
+#if TD_HAVE_AVX2_PATH
+template <class S>
+__attribute__((target("avx2"))) int64_t apply_bits_avx2(const S* __restrict val, S* __restrict out,
+                                                        const uint32_t* bits, int64_t j, int64_t j1) {
+  static_assert(sizeof(S) == 4 || sizeof(S) == 2, "32- or 16-bit type");
+  const __m256i sel32 = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i sel16 = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                          -32768);
+  for (; j + 32 <= j1; j += 32) {
+    const uint32_t b = bits[j >> 5];
+    if constexpr (sizeof(S) == 4) {
+      for (int v = 0; v < 4; ++v) {
+        const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)(b >> (8 * v))), sel32), sel32);
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + j + 8 * v));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 8 * v), _mm256_and_si256(keep, x));
+      }
+    } else {
+      for (int v = 0; v < 2; ++v) {
+        const __m256i keep =
+            _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)(b >> (16 * v))), sel16), sel16);
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + j + 16 * v));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 16 * v), _mm256_and_si256(keep, x));
+      }
+    }
+  }
+  return j;
+}
+#endif
+
+template <class S>
+void apply_bits_row(const S* val, S* out, const uint32_t* bits, int64_t j0, int64_t j1, bool simd) {
+  int64_t j = j0;
+#if TD_HAVE_AVX2_PATH
+  if constexpr (sizeof(S) <= 4)
+    if (simd) j = apply_bits_avx2<S>(val, out, bits, j0, j1);
+#endif
+  (void)simd;
+  apply_bits_scalar<S>(val, out, bits, j, j1);
+}
+
+// ---- N:M candidates -------------------------------------------------------------------------
+// Candidate bits of the columns [j0, j1) of a row (both multiples of m, j0 of 32) into
+// cbits[0 ..): bit (j - j0). cbits needs (j1 - j0 + 31) / 32 words; it is zeroed here.
+template <class Fm>
+void nm_candidates(const typename Fm::S* row, int64_t j0, int64_t j1, int n, int m, uint32_t* cbits) {
+  memset(cbits, 0, sizeof(uint32_t) * (size_t)((j1 - j0 + 31) / 32));
+  uint32_t keys[16];
+  for (int64_t g = j0; g < j1; g += m) {
+    for (int l = 0; l < m; ++l) keys[l] = Fm::key(row[g + l]);
+    or_bits32(cbits, g - j0, nm_group_candidates(keys, n, m));
+  }
+}
+
+}  // namespace td
