@@ -117,12 +117,12 @@ inline td::Window window_of(int64_t origin, int64_t row_stride) {
 // fn(u, j0, j1, ctx) for every piece of a U x F matrix; pieces hold `align` columns or a
 // multiple (the last of a row: what is left), rows up to kGrainElems are one piece.
 template <class Fn>
-void run_pieces(int64_t U, int64_t F, int64_t align, bool fused, Fn&& fn) {
+void run_pieces(int64_t U, int64_t F, int64_t align, td::Simd simd, Fn&& fn) {
   const int64_t len = F <= kGrainElems ? F : std::max(align, kGrainElems / align * align);
   const int64_t per_row = (F + len - 1) / len;
   at::parallel_for(0, U * per_row, std::max<int64_t>(1, kGrainElems / len), [&](int64_t a, int64_t b) {
     td::ApplyCtx ctx;
-    ctx.fused = fused;
+    ctx.simd = simd;
     for (int64_t i = a; i < b; ++i) {
       const int64_t u = i / per_row, j0 = (i % per_row) * len;
       fn(u, j0, std::min(F, j0 + len), ctx);
@@ -130,14 +130,10 @@ void run_pieces(int64_t U, int64_t F, int64_t align, bool fused, Fn&& fn) {
   });
 }
 
-// whether apply_row may use its AVX2 tiles for this family
+// the tile loops apply_row may use for this family (none for float64)
 template <class Fm>
-bool fused_ok() {
-#if TD_HAVE_AVX2_PATH
-  return sizeof(typename Fm::S) <= 4 && td::cpu_has_avx2();
-#else
-  return false;
-#endif
+td::Simd simd_for() {
+  return sizeof(typename Fm::S) <= 4 ? td::best_simd() : td::Simd::kNone;
 }
 
 // ---- weight targeting -----------------------------------------------------------------------
@@ -149,7 +145,7 @@ void weight_forward(const at::Tensor& w, at::Tensor& out, int32_t* lp, const int
   const auto* wp = ptr<Fm>(w);
   auto* op = ptr<Fm>(out);
   std::vector<int32_t> lim_rv(U);
-  const bool fused = fused_ok<Fm>();
+  const td::Simd simd = simd_for<Fm>();
   auto apply = [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
     td::apply_row<Fm>(wp + u * F, wp + u * F, op + u * F, j0, j1, td::row_start(win, u), td::CandKeys{lim_rv[u]},
                       seed, D, bits ? bits + u * W : nullptr, ctx);
@@ -159,7 +155,7 @@ void weight_forward(const at::Tensor& w, at::Tensor& out, int32_t* lp, const int
       lp[u] = given ? given[u] : k == 0 ? -1 : (int32_t)td::kKeyMax;
       lim_rv[u] = Fm::rv_limit(lp[u]);
     }
-    run_pieces(U, F, 32, fused, apply);
+    run_pieces(U, F, 32, simd, apply);
     return;
   }
   auto select_row = [&](int64_t u, td::SelectScratch& s) {
@@ -173,7 +169,7 @@ void weight_forward(const at::Tensor& w, at::Tensor& out, int32_t* lp, const int
     at::parallel_for(0, U, std::max<int64_t>(1, kGrainElems / F), [&](int64_t a, int64_t b) {
       td::SelectScratch s(F);
       td::ApplyCtx ctx;
-      ctx.fused = fused;
+      ctx.simd = simd;
       for (int64_t u = a; u < b; ++u) {
         select_row(u, s);
         apply(u, 0, F, ctx);
@@ -185,7 +181,7 @@ void weight_forward(const at::Tensor& w, at::Tensor& out, int32_t* lp, const int
       td::SelectScratch s(F);
       for (int64_t u = a; u < b; ++u) select_row(u, s);
     });
-    run_pieces(U, F, 32, fused, apply);
+    run_pieces(U, F, 32, simd, apply);
   }
 }
 
@@ -200,7 +196,7 @@ void weight_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tens
   const auto* wp = ptr<Fm>(w);
   const auto* gp = ptr<Fm>(grad);
   auto* op = ptr<Fm>(out);
-  run_pieces(U, F, 32, fused_ok<Fm>(), [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
+  run_pieces(U, F, 32, simd_for<Fm>(), [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
     td::apply_row<Fm>(wp + u * F, gp + u * F, op + u * F, j0, j1, td::row_start(win, u), td::CandKeys{lim_rv[u]},
                       seed, D, nullptr, ctx);
   });
@@ -213,8 +209,8 @@ void bits_backward(const at::Tensor& grad, const at::Tensor& bits, at::Tensor& o
   const auto* gp = ptr<Fm>(grad);
   const uint32_t* bp = words_ptr(bits);
   auto* op = ptr<Fm>(out);
-  run_pieces(U, F, 32, fused_ok<Fm>(), [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
-    td::apply_bits_row(gp + u * F, op + u * F, bp + u * W, j0, j1, ctx.fused);
+  run_pieces(U, F, 32, simd_for<Fm>(), [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
+    td::apply_bits_row(gp + u * F, op + u * F, bp + u * W, j0, j1, ctx.simd);
   });
 }
 
@@ -227,7 +223,7 @@ void nm_apply(const at::Tensor& w, const typename Fm::S* val, at::Tensor& out, i
   const int64_t U = w.size(0), F = w.size(1), W = td::bits_words(F);
   const auto* wp = ptr<Fm>(w);
   auto* op = ptr<Fm>(out);
-  run_pieces(U, F, 32 * m, fused_ok<Fm>(), [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
+  run_pieces(U, F, 32 * m, simd_for<Fm>(), [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
     thread_local std::vector<uint32_t> cbits;
     const int64_t nw = (j1 - j0 + 31) / 32;
     if ((int64_t)cbits.size() < nw) cbits.resize(nw);

@@ -95,123 +95,46 @@ void apply_scalar(const typename Fm::S* __restrict wk, const typename Fm::S* __r
 #if TD_HAVE_AVX2_PATH
 constexpr int kTileGroups = 3;  // Philox groups of 8 blocks interleaved per step (ILP)
 
-// The NON-candidate mask of 32 columns from j, as 4 vectors of 8 (32-bit types) or 2 of 16 lanes.
-template <class Fm>
-__attribute__((target("avx2"), always_inline)) inline void noncand_lanes(const CandKeys& c,
-                                                                         const typename Fm::S* wk, int64_t j,
-                                                                         __m256i* nc) {
-  if constexpr (sizeof(typename Fm::S) == 4) {  // rv = bits & 0x7FFFFFFF, compared as int32
-    const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), limv = _mm256_set1_epi32(c.lim);
-    for (int v = 0; v < 4; ++v) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + j + 8 * v));
-      nc[v] = _mm256_cmpgt_epi32(_mm256_and_si256(w, mag), limv);
-    }
-  } else {  // rv = bits & 0x7FFF <= 0x7FFF: int16 compare with lim clamped to 0x7FFF
-    const __m256i mag = _mm256_set1_epi16(0x7FFF);
-    const __m256i limv = _mm256_set1_epi16((short)std::min<int32_t>(c.lim, 0x7FFF));
-    for (int v = 0; v < 2; ++v) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + j + 16 * v));
-      nc[v] = _mm256_cmpgt_epi16(_mm256_and_si256(w, mag), limv);
-    }
-  }
-}
-template <class Fm>
-__attribute__((target("avx2"), always_inline)) inline void noncand_lanes(const CandBits& c, const typename Fm::S*,
-                                                                         int64_t j, __m256i* nc) {
-  const uint32_t b = bits32_at(c.bits, j - c.col0, c.nwords);
-  const __m256i zero = _mm256_setzero_si256();
-  if constexpr (sizeof(typename Fm::S) == 4) {
-    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    for (int v = 0; v < 4; ++v)
-      nc[v] = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)(b >> (8 * v))), sel), zero);
-  } else {
-    const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
-                                          -32768);
-    for (int v = 0; v < 2; ++v)
-      nc[v] = _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)(b >> (16 * v))), sel), zero);
-  }
-}
-
-// 32 columns from j, whose positions start at a multiple of 4, given their 32 words r[0..3]
-// in stream order (kAll: every word counts as below D). Returns the 32 drop bits.
-template <class Fm, class Cand, bool kAll>
-__attribute__((target("avx2"), always_inline)) inline uint32_t tile32(const typename Fm::S* __restrict wk,
-                                                                      const typename Fm::S* __restrict val,
-                                                                      typename Fm::S* __restrict out, int64_t j,
-                                                                      const __m256i* r, const Cand& cand,
-                                                                      uint32_t D32) {
-  using S = typename Fm::S;
-  static_assert(sizeof(S) == 4 || sizeof(S) == 2, "32- or 16-bit family");
-  __m256i nc[4];
-  noncand_lanes<Fm>(cand, wk, j, nc);
-  __m256i lt[4];  // all ones where the word is below D
-  if (kAll) {
-    for (int v = 0; v < 4; ++v) lt[v] = _mm256_set1_epi32(-1);
-  } else {
-    const __m256i sign = _mm256_set1_epi32(INT32_MIN);
-    const __m256i Dx = _mm256_set1_epi32((int)(D32 ^ 0x80000000u));  // word < D: signed compare after ^ sign
-    for (int v = 0; v < 4; ++v) lt[v] = _mm256_cmpgt_epi32(Dx, _mm256_xor_si256(r[v], sign));
-  }
-  uint32_t drop_bits = 0;
-  if constexpr (sizeof(S) == 4) {
-    for (int v = 0; v < 4; ++v) {
-      const __m256i drop = _mm256_andnot_si256(nc[v], lt[v]);
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + j + 8 * v));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 8 * v), _mm256_andnot_si256(drop, x));
-      drop_bits |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(drop)) << (8 * v);
-    }
-  } else {
-    __m256i d16[2];
-    for (int v = 0; v < 2; ++v) {
-      // 16-bit masks of 16 words; packs works per 128-bit lane, permute4x64 restores the order
-      const __m256i lt16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(lt[2 * v], lt[2 * v + 1]), 0xD8);
-      d16[v] = _mm256_andnot_si256(nc[v], lt16);
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + j + 16 * v));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j + 16 * v), _mm256_andnot_si256(d16[v], x));
-    }
-    drop_bits = (uint32_t)_mm256_movemask_epi8(_mm256_permute4x64_epi64(_mm256_packs_epi16(d16[0], d16[1]), 0xD8));
-  }
-  return drop_bits;
-}
-
-// Whole 32-column tiles from column j (pos0 + j a multiple of 4) while they fit before b,
-// kTileGroups tiles per Philox step (their words computed together in registers, 1.4x faster
-// than one tile at a time), then single tiles. Returns the first column not done.
-template <class Fm, class Cand, bool kAll>
-__attribute__((target("avx2"))) int64_t apply_tiles_avx2(const typename Fm::S* __restrict wk,
-                                                         const typename Fm::S* __restrict val,
-                                                         typename Fm::S* __restrict out, int64_t j, int64_t b,
-                                                         uint64_t pos0, const Cand& cand, const PhiloxKeys8& keys,
-                                                         uint32_t D32, uint32_t* bits) {
-  __m256i r[4 * kTileGroups];
-  for (; j + 32 * kTileGroups <= b; j += 32 * kTileGroups) {
-    if (!kAll) philox8_avx2<kTileGroups>(keys, (pos0 + (uint64_t)j) >> 2, r);
-    for (int g = 0; g < kTileGroups; ++g) {
-      const uint32_t drop = tile32<Fm, Cand, kAll>(wk, val, out, j + 32 * g, r + 4 * g, cand, D32);
-      if (bits) or_bits32(bits, j + 32 * g, ~drop);
-    }
-  }
-  for (; j + 32 <= b; j += 32) {
-    if (!kAll) philox8_avx2<1>(keys, (pos0 + (uint64_t)j) >> 2, r);
-    const uint32_t drop = tile32<Fm, Cand, kAll>(wk, val, out, j, r, cand, D32);
-    if (bits) or_bits32(bits, j, ~drop);
-  }
-  return j;
-}
+#define TD_TILE_NS tiles_avx2
+#define TD_TILE_ATTR __attribute__((target("avx2")))
+#define TD_TILE_KEYS PhiloxKeys8
+#define TD_TILE_PHILOX philox8_avx2
+#include "td_cpu_tiles.inc"
+#undef TD_TILE_NS
+#undef TD_TILE_ATTR
+#undef TD_TILE_KEYS
+#undef TD_TILE_PHILOX
+#define TD_TILE_NS tiles_avx512
+#define TD_TILE_ATTR __attribute__((target("avx2,avx512f")))
+#define TD_TILE_KEYS PhiloxKeys16
+#define TD_TILE_PHILOX philox8_avx512
+#include "td_cpu_tiles.inc"
+#undef TD_TILE_NS
+#undef TD_TILE_ATTR
+#undef TD_TILE_KEYS
+#undef TD_TILE_PHILOX
 #endif
 
-// Per-thread state of apply_row: the AVX2 Philox round keys, computed once per seed.
+// Per-thread state of apply_row: which tile loops this CPU runs, and their Philox round keys
+// (computed once per seed).
 struct ApplyCtx {
-  uint64_t seed = 0;
-  bool fused = false;  // AVX2 tiles available (and the family is 32- or 16-bit)
+  Simd simd = Simd::kNone;  // kNone for families without tiles (float64)
 #if TD_HAVE_AVX2_PATH
-  PhiloxKeys8 keys;
-  bool have_keys = false;
-  const PhiloxKeys8& keys_for(uint64_t s) {
-    if (!have_keys || s != seed) philox_keys8(s, keys);
-    have_keys = true;
-    seed = s;
-    return keys;
+  uint64_t seed8 = 0, seed16 = 0;
+  bool have8 = false, have16 = false;
+  PhiloxKeys8 keys8;
+  PhiloxKeys16 keys16;
+  const PhiloxKeys8& keys_avx2(uint64_t s) {
+    if (!have8 || s != seed8) philox_keys8(s, keys8);
+    have8 = true;
+    seed8 = s;
+    return keys8;
+  }
+  const PhiloxKeys16& keys_avx512(uint64_t s) {
+    if (!have16 || s != seed16) philox_keys16(s, keys16);
+    have16 = true;
+    seed16 = s;
+    return keys16;
   }
 #endif
 };
@@ -223,11 +146,15 @@ void apply_general(const typename Fm::S* wk, const typename Fm::S* val, typename
   int64_t j = j0;
 #if TD_HAVE_AVX2_PATH
   if constexpr (sizeof(typename Fm::S) <= 4) {
-    if (ctx.fused && j1 - j0 >= 35) {  // up to the next block boundary, then whole tiles fused
+    if (ctx.simd != Simd::kNone && j1 - j0 >= 35) {  // up to the next block boundary, then tiles
       const int64_t head = std::min(j1, j0 + (int64_t)((4 - ((pos0 + (uint64_t)j0) & 3)) & 3));
       apply_scalar<Fm, Cand, kAll>(wk, val, out, j0, head, pos0, cand, seed, D32, bits);
-      j = apply_tiles_avx2<Fm, Cand, kAll>(wk, val, out, head, j1, pos0, cand,
-                                           kAll ? ctx.keys : ctx.keys_for(seed), D32, bits);
+      if (ctx.simd == Simd::kAvx512)
+        j = tiles_avx512::apply_tiles<Fm, Cand, kAll>(wk, val, out, head, j1, pos0, cand,
+                                                      kAll ? ctx.keys16 : ctx.keys_avx512(seed), D32, bits);
+      else
+        j = tiles_avx2::apply_tiles<Fm, Cand, kAll>(wk, val, out, head, j1, pos0, cand,
+                                                    kAll ? ctx.keys8 : ctx.keys_avx2(seed), D32, bits);
     }
   }
 #endif
@@ -272,12 +199,7 @@ struct SelectScratch {
 // rv < t). Sample-bracketed selection (td_select.h), AVX2 passes where the CPU has AVX2.
 template <class Fm>
 uint32_t row_threshold(const typename Fm::S* row, int64_t F, int64_t k, SelectScratch& s) {
-#if TD_HAVE_AVX2_PATH
-  const bool simd = cpu_has_avx2();
-#else
-  const bool simd = false;
-#endif
-  return select_rank_sampled<Fm>(row, F, k, s.buf0.data(), s.buf1.data(), s.hist, simd);
+  return select_rank_sampled<Fm>(row, F, k, s.buf0.data(), s.buf1.data(), s.hist, best_simd());
 }
 
 // ---- the backward from the bit mask ---------------------------------------------------------
@@ -319,11 +241,11 @@ __attribute__((target("avx2"))) int64_t apply_bits_avx2(const S* __restrict val,
 #endif
 
 template <class S>
-void apply_bits_row(const S* val, S* out, const uint32_t* bits, int64_t j0, int64_t j1, bool simd) {
+void apply_bits_row(const S* val, S* out, const uint32_t* bits, int64_t j0, int64_t j1, Simd simd) {
   int64_t j = j0;
 #if TD_HAVE_AVX2_PATH
   if constexpr (sizeof(S) <= 4)
-    if (simd) j = apply_bits_avx2<S>(val, out, bits, j0, j1);
+    if (simd != Simd::kNone) j = apply_bits_avx2<S>(val, out, bits, j0, j1);
 #endif
   (void)simd;
   apply_bits_scalar<S>(val, out, bits, j, j1);

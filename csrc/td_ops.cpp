@@ -10,7 +10,7 @@
 
 #include <string>
 
-#include "td_cpu_philox.h"  // TD_HAVE_AVX2_PATH, cpu_has_avx2
+#include "td_cpu_philox.h"  // TD_HAVE_AVX2_PATH, best_simd
 
 namespace {
 // _C.BUILD_INFO: what this build holds, for `td-kernels info`. setup.py passes the CUDA part as
@@ -31,8 +31,9 @@ std::string build_info() {
   s += " (gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + ")";
 #endif
 #if TD_HAVE_AVX2_PATH
-  s += ", AVX2 Philox, selection and apply loops dispatched at run time (this CPU: ";
-  s += td::cpu_has_avx2() ? "AVX2)" : "no AVX2, portable loops)";
+  s += ", AVX2 and AVX-512 loops (Philox, selection, apply) dispatched at run time (this CPU: ";
+  const td::Simd simd = td::best_simd();
+  s += simd == td::Simd::kAvx512 ? "AVX-512)" : simd == td::Simd::kAvx2 ? "AVX2)" : "portable loops)";
 #else
   s += ", portable loops";
 #endif

@@ -205,13 +205,78 @@ __attribute__((target("avx2"))) int64_t band_pass_avx2(const Src& src, int64_t n
 }
 #endif
 
-// The pass of one level, vectorized where this CPU has AVX2. dst needs n + 8 slots (the
-// vector compaction stores 8 lanes at a time). Per-lane counts are int32: n < 2**31 * 8.
+#if TD_HAVE_AVX2_PATH
+// AVX-512F: 16 lanes, compares into mask registers and vpcompressd instead of the table
+// (~1 instruction per value against ~3 for AVX2).
+template <class Src>
+struct Load16;
+template <>
+struct Load16<RowSource<FamF32>> {
+  __attribute__((target("avx512f"))) static __m512i at(const RowSource<FamF32>& s, int64_t i) {
+    return _mm512_and_si512(_mm512_loadu_si512(s.p + i), _mm512_set1_epi32(0x7FFFFFFF));
+  }
+};
+template <class Fm16>
+struct Load16Half {
+  __attribute__((target("avx512f"))) static __m512i at(const RowSource<Fm16>& s, int64_t i) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.p + i));
+    return _mm512_and_si512(_mm512_cvtepu16_epi32(h), _mm512_set1_epi32(0x7FFF));
+  }
+};
+template <>
+struct Load16<RowSource<FamF16>> : Load16Half<FamF16> {};
+template <>
+struct Load16<RowSource<FamBF16>> : Load16Half<FamBF16> {};
+template <>
+struct Load16<BufSource> {
+  __attribute__((target("avx512f"))) static __m512i at(const BufSource& s, int64_t i) {
+    return _mm512_loadu_si512(s.p + i);
+  }
+};
+
+template <class Src>
+__attribute__((target("avx512f"))) int64_t band_pass_avx512(const Src& src, int64_t n, const int32_t thr[4],
+                                                            int64_t counts[4], uint32_t* __restrict dst) {
+  const __m512i t0 = _mm512_set1_epi32(thr[0]), t1 = _mm512_set1_epi32(thr[1]);
+  const __m512i t2 = _mm512_set1_epi32(thr[2]), t3 = _mm512_set1_epi32(thr[3]), one = _mm512_set1_epi32(1);
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;  // per-lane counts
+  int64_t nb = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i x = Load16<Src>::at(src, i);
+    const __mmask16 g1 = _mm512_cmpgt_epi32_mask(x, t1), g2 = _mm512_cmpgt_epi32_mask(x, t2);
+    a0 = _mm512_mask_add_epi32(a0, _mm512_cmpgt_epi32_mask(x, t0), a0, one);
+    a1 = _mm512_mask_add_epi32(a1, g1, a1, one);
+    a2 = _mm512_mask_add_epi32(a2, g2, a2, one);
+    a3 = _mm512_mask_add_epi32(a3, _mm512_cmpgt_epi32_mask(x, t3), a3, one);
+    const __mmask16 band = _mm512_kandn(g2, g1);
+    _mm512_storeu_si512(dst + nb, _mm512_maskz_compress_epi32(band, x));
+    nb += __builtin_popcount((unsigned)band);
+  }
+  counts[0] = _mm512_reduce_add_epi32(a0);
+  counts[1] = _mm512_reduce_add_epi32(a1);
+  counts[2] = _mm512_reduce_add_epi32(a2);
+  counts[3] = _mm512_reduce_add_epi32(a3);
+  for (; i < n; ++i) {
+    const int32_t x = (int32_t)src.at(i);
+    counts[0] += x > thr[0];
+    counts[1] += x > thr[1];
+    counts[2] += x > thr[2];
+    counts[3] += x > thr[3];
+    dst[nb] = (uint32_t)x;
+    nb += (x > thr[1]) & (x <= thr[2]);
+  }
+  return nb;
+}
+#endif
+
+// The pass of one level, vectorized where this CPU allows. dst needs n + 16 slots (the
+// vector compactions store whole vectors). Per-lane counts are int32: n < 2**31 * 8.
 template <class Src>
 inline int64_t band_pass(const Src& src, int64_t n, const int32_t thr[4], int64_t counts[4], uint32_t* dst,
-                         bool simd) {
+                         Simd simd) {
 #if TD_HAVE_AVX2_PATH
-  if (simd) return band_pass_avx2(src, n, thr, counts, dst);
+  if (simd == Simd::kAvx512) return band_pass_avx512(src, n, thr, counts, dst);
+  if (simd == Simd::kAvx2) return band_pass_avx2(src, n, thr, counts, dst);
 #endif
   (void)simd;
   return band_pass_portable(src, n, thr, counts, dst);
@@ -295,16 +360,16 @@ struct Sort64 {
 #endif
 
 // x[0 .. 64) ascending (values < 2**31; fill unused slots with 0x7FFFFFFF)
-inline void sort64(uint32_t* x, bool simd) {
+inline void sort64(uint32_t* x, Simd simd) {
 #if TD_HAVE_AVX2_PATH
-  if (simd) return Sort64::sort(x);
+  if (simd != Simd::kNone) return Sort64::sort(x);
 #endif
   (void)simd;
   std::sort(x, x + kSortN);
 }
 
 // The value at rank k of x[0 .. n), n <= 64 (x has room for 64)
-inline uint32_t small_select(uint32_t* x, int64_t n, int64_t k, bool simd) {
+inline uint32_t small_select(uint32_t* x, int64_t n, int64_t k, Simd simd) {
   for (int64_t i = n; i < kSortN; ++i) x[i] = 0x7FFFFFFFu;
   sort64(x, simd);
   return x[k];
@@ -314,14 +379,14 @@ inline uint32_t small_select(uint32_t* x, int64_t n, int64_t k, bool simd) {
 constexpr int64_t kSampledSmall = kSortN;
 
 // Scratch words select_rank_sampled needs per buffer for a set of n values.
-inline int64_t select_scratch_size(int64_t n) { return std::max<int64_t>(n, kSortN) + 8; }
+inline int64_t select_scratch_size(int64_t n) { return std::max<int64_t>(n, kSortN) + 16; }
 
 // The value at 0-based rank k (0 <= k < n) of the rank values of `row` (n of them, kBits bits).
-// buf0 and buf1: scratch of select_scratch_size(n) uint32 each. simd: use the AVX2 pass (cpu_has_avx2()).
+// buf0 and buf1: scratch of select_scratch_size(n) uint32 each; simd: which vector loops to use.
 // Exact for every input; how fast depends only on how well the samples bracket rank k.
 template <class Fm>
 inline uint32_t select_rank_sampled(const typename Fm::S* row, int64_t n, int64_t k, uint32_t* buf0,
-                                    uint32_t* buf1, uint32_t* hist, bool simd) {
+                                    uint32_t* buf1, uint32_t* hist, Simd simd) {
 #if TD_HAVE_AVX2_PATH
   constexpr bool kRowSimd = sizeof(typename Fm::S) <= 4;  // float64 keys are converted first
 #else
