@@ -1,9 +1,12 @@
 """Host-side checks of the native sources that need no built extension:
 
-* csrc/tests/test_core.cpp (Philox known answers, the seed-2026 stream, the batched CPU
-  Philox paths, rank keys incl. NaN/inf/-0, the radix select) compiled with g++ and run;
-* csrc/td_cuda.cu compiled with nvcc for sm_80 and sm_90 with ``-Xptxas -v``: no errors and
-  no register spills (skipped without nvcc).
+* csrc/tests/test_core.cpp compiled with g++ and run: Philox known answers, the seed-2026
+  stream, the batched and AVX2/AVX-512 Philox paths, rank keys incl. NaN/inf/-0, both
+  selections (radix; sample-bracketed on every vector path), window positions and drop bits
+  at unaligned starts, mask-word helpers, N:M ranks for every (n, m), and the CPU row kernels
+  (apply with keys or N:M candidates, bits written and read back) against a scalar model;
+* csrc/td_cuda.cu compiled with nvcc for sm_80 and sm_90 with ``-Xptxas -v``: no errors, no
+  register spills, and every kernel variant present (skipped without nvcc).
 """
 from __future__ import annotations
 
@@ -51,6 +54,12 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     archs = set(re.findall(r"Compiling entry function '\w+' for '(sm_\d+)'", log))
     assert archs == {"sm_80", "sm_90"}, log
     assert all(int(s) == 0 and int(l) == 0 for s, l in spills), "register spills:\n" + log
+    # the apply kernel for every dtype family x decision source (keys, N:M, bits, unit rows)
+    for arch in ("sm_80", "sm_90"):
+        applies = set(re.findall(r"_applyIN2td\d+(Fam\w+?)ELNS0_3SrcE(\d)EEEvNS0_9ApplyArgsEb' for '" + arch, log))
+        assert applies == {(f, str(m)) for f in ("FamF32", "FamF64", "FamF16", "FamBF16") for m in range(4)}, applies
+        for kernel in ("_weight_select", "_unit_norms", "_unit_select"):
+            assert re.search(kernel + r"\w*' for '" + arch, log), f"{kernel} not compiled for {arch}"
 
 
 @pytest.mark.skipif(_nvcc() is None or shutil.which("g++") is None, reason="nvcc or g++ not found")
