@@ -131,11 +131,18 @@ TD_HD int nm_rank(KeyAt key_at, int m, int i) {
   return r;
 }
 TD_HD bool nm_candidate(int rank, int n, int m) { return rank < m - n; }
-// Bit i set iff element i of the group (keys[0 .. m-1]) is a candidate.
+// Bit i set iff element i of the group (keys[0 .. m-1]) is a candidate. The same ranks as
+// nm_rank, one comparison per pair (l < i): l comes first iff key_l <= key_i. Branch-free.
 TD_HD uint32_t nm_group_candidates(const uint32_t* keys, int n, int m) {
+  int r[16] = {0};
+  for (int i = 1; i < m; ++i)
+    for (int l = 0; l < i; ++l) {
+      const int first = keys[l] <= keys[i];
+      r[i] += first;
+      r[l] += 1 - first;
+    }
   uint32_t c = 0;
-  for (int i = 0; i < m; ++i)
-    c |= (uint32_t)nm_candidate(nm_rank([&](int l) { return keys[l]; }, m, i), n, m) << i;
+  for (int i = 0; i < m; ++i) c |= (uint32_t)nm_candidate(r[i], n, m) << i;
   return c;
 }
 

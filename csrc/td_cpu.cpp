@@ -228,7 +228,7 @@ void nm_apply(const at::Tensor& w, const typename Fm::S* val, at::Tensor& out, i
     const int64_t nw = (j1 - j0 + 31) / 32;
     if ((int64_t)cbits.size() < nw) cbits.resize(nw);
     const auto* row = wp + u * F;
-    td::nm_candidates<Fm>(row, j0, j1, (int)n, (int)m, cbits.data());
+    td::nm_candidates<Fm>(row, j0, j1, (int)n, (int)m, cbits.data(), ctx.simd);
     td::apply_row<Fm>(row, val + u * F, op + u * F, j0, j1, td::row_start(win, u),
                       td::CandBits{cbits.data(), j0, nw}, seed, D, bits ? bits + u * W : nullptr, ctx);
   });

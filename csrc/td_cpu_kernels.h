@@ -18,7 +18,8 @@
 //   apply_bits_row  out = keep ? val : +0 with keep read from the bit mask (the backward that
 //                   reads only grad and bits: no W, no Philox).
 //   nm_candidates   the N:M candidate bits of a piece: per group of m, the m - n first in
-//                   (key, j) order (td::nm_group_candidates, O(m**2) compares per group).
+//                   (key, j) order (td::nm_group_candidates: m (m - 1) / 2 compares per
+//                   group; with AVX2, 8 groups at a time from gathers).
 #pragma once
 
 #include <stdint.h>
@@ -253,15 +254,90 @@ void apply_bits_row(const S* val, S* out, const uint32_t* bits, int64_t j0, int6
 
 // ---- N:M candidates -------------------------------------------------------------------------
 // Candidate bits of the columns [j0, j1) of a row (both multiples of m, j0 of 32) into
-// cbits[0 ..): bit (j - j0). cbits needs (j1 - j0 + 31) / 32 words; it is zeroed here.
-template <class Fm>
-void nm_candidates(const typename Fm::S* row, int64_t j0, int64_t j1, int n, int m, uint32_t* cbits) {
-  memset(cbits, 0, sizeof(uint32_t) * (size_t)((j1 - j0 + 31) / 32));
-  uint32_t keys[16];
-  for (int64_t g = j0; g < j1; g += m) {
-    for (int l = 0; l < m; ++l) keys[l] = Fm::key(row[g + l]);
-    or_bits32(cbits, g - j0, nm_group_candidates(keys, n, m));
+// cbits[0 ..): bit (j - j0). cbits needs (j1 - j0 + 31) / 32 words; all are written.
+// Groups are ranked by rank value, which orders exactly like the SPEC key (td_core.h).
+
+// Appends runs of bits to consecutive words (a register buffer, each word stored once: OR-ing
+// each group into memory chained every group through store-to-load forwarding).
+struct BitWriter {
+  uint32_t* words;
+  uint64_t buf = 0;
+  int nbuf = 0;
+  explicit BitWriter(uint32_t* w) : words(w) {}
+  void put(uint32_t bits, int count) {  // count <= 32, bits above count are 0
+    buf |= (uint64_t)bits << nbuf;
+    nbuf += count;
+    if (nbuf >= 32) {
+      *words++ = (uint32_t)buf;
+      buf >>= 32;
+      nbuf -= 32;
+    }
   }
+  void flush() {
+    if (nbuf > 0) *words++ = (uint32_t)buf;
+    buf = 0;
+    nbuf = 0;
+  }
+};
+#if TD_HAVE_AVX2_PATH
+// 8 groups at a time, one per lane: element l of the 8 groups transposed into k[l] (through a
+// 1 KiB L1 buffer: scalar loads beat AVX2 gathers here), then one compare per pair (l < i) as
+// in td::nm_group_candidates: m (m - 1) / 2 compares per 8 groups. Returns where it stopped.
+template <class Fm, int kM>  // kM: m known at compile time (the common 2, 4, 8, 16), or 0
+__attribute__((target("avx2"))) int64_t nm_candidates_avx2(const typename Fm::S* row, int64_t j0, int64_t j1, int n,
+                                                           int m_, BitWriter& out) {
+  const int m = kM ? kM : m_;
+  const __m256i one = _mm256_set1_epi32(1), quota = _mm256_set1_epi32(m - n);  // candidates: rank < m - n
+  alignas(32) uint32_t soa[16 * 8];
+  int64_t g = j0;
+  for (; g + 8 * (int64_t)m <= j1; g += 8 * (int64_t)m) {
+    for (int q = 0; q < 8; ++q)
+      for (int l = 0; l < m; ++l) soa[8 * l + q] = Fm::rv(row[g + q * m + l]);
+    __m256i k[16], r[16];
+    for (int l = 0; l < m; ++l) {
+      k[l] = _mm256_load_si256(reinterpret_cast<const __m256i*>(soa + 8 * l));
+      r[l] = _mm256_setzero_si256();
+    }
+    for (int i = 1; i < m; ++i)
+      for (int l = 0; l < i; ++l) {
+        const __m256i later = _mm256_cmpgt_epi32(k[l], k[i]);  // -1: i comes before l
+        r[i] = _mm256_add_epi32(r[i], _mm256_add_epi32(later, one));
+        r[l] = _mm256_sub_epi32(r[l], later);
+      }
+    __m256i acc = _mm256_setzero_si256();
+    for (int i = 0; i < m; ++i)
+      acc = _mm256_or_si256(acc, _mm256_and_si256(_mm256_cmpgt_epi32(quota, r[i]), _mm256_set1_epi32(1 << i)));
+    alignas(32) uint32_t c[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c), acc);
+    for (int q = 0; q < 8; ++q) out.put(c[q], m);
+  }
+  return g;
+}
+#endif
+
+template <class Fm>
+void nm_candidates(const typename Fm::S* row, int64_t j0, int64_t j1, int n, int m, uint32_t* cbits, Simd simd) {
+  BitWriter out(cbits);
+  int64_t g = j0;
+#if TD_HAVE_AVX2_PATH
+  if constexpr (sizeof(typename Fm::S) <= 4)
+    if (simd != Simd::kNone) {
+      switch (m) {
+        case 2: g = nm_candidates_avx2<Fm, 2>(row, j0, j1, n, m, out); break;
+        case 4: g = nm_candidates_avx2<Fm, 4>(row, j0, j1, n, m, out); break;
+        case 8: g = nm_candidates_avx2<Fm, 8>(row, j0, j1, n, m, out); break;
+        case 16: g = nm_candidates_avx2<Fm, 16>(row, j0, j1, n, m, out); break;
+        default: g = nm_candidates_avx2<Fm, 0>(row, j0, j1, n, m, out);
+      }
+    }
+#endif
+  (void)simd;
+  uint32_t keys[16];
+  for (; g < j1; g += m) {
+    for (int l = 0; l < m; ++l) keys[l] = Fm::rv(row[g + l]);
+    out.put(nm_group_candidates(keys, n, m), m);
+  }
+  out.flush();
 }
 
 }  // namespace td

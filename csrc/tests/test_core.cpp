@@ -395,12 +395,12 @@ static void test_apply_family(const char* name) {
           EXPECT(bad == 0, "apply_bits_row %s %s F=%lld: %d wrong", name, simd_name(simd), (long long)F, bad);
         }
       // N:M targeting on a prefix whose length m divides
-      for (int m : {2, 3, 4, 7, 16}) {
+      for (int m : {2, 3, 4, 7, 8, 16}) {
         const int n = 1 + (int)(g() % (m - 1));
         const int64_t Fm_ = F / m * m, a = j0 / (32 * m) * (32 * m);
         if (Fm_ <= a) continue;
         std::vector<uint32_t> cb((Fm_ - a + 31) / 32 + 1);
-        td::nm_candidates<Fm>(wk.data(), a, Fm_, n, m, cb.data());
+        td::nm_candidates<Fm>(wk.data(), a, Fm_, n, m, cb.data(), ctx.simd);
         auto cand = [&](int64_t j) {  // group of j by sorting (key, j)
           const int64_t g0 = j - j % m;
           uint32_t keys[16];
