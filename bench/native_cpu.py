@@ -5,7 +5,10 @@
 
 Every repeat runs every case once, in a rotated order (so a burst of load from other
 processes hits all cases alike), each on a fresh output as in training; the table gives the
-median over the repeats, the spread (p25..p75) and the median as a multiple of the clone's.
+median wall time over the repeats, its spread (p25..p75) and the median as a multiple of the
+clone's, then the median CPU time of the process (all threads; user + system, which is what a
+shared machine's load inflates least) and its system part (page faults). The system time comes
+from getrusage, which the kernel samples per tick: read it as a rough split, not a precise one.
 Weight [size, size], drop_rate 0.5, targ_rate 0.5, seed 1.
 
 Environment: TD_KERNELS_HUGEPAGES=0 stops the native ops from advising their fresh outputs
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -63,15 +67,17 @@ def make_cases(size: int, dtype: torch.dtype) -> dict:
 
 
 def measure(cases: dict, names: list, repeats: int) -> dict:
+    """{case: [(wall, cpu, sys) seconds per call]}"""
     for n in names:  # warm up: first-touch of inputs, thread pool, code
         cases[n]()
     times = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            s0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime, time.process_time(), time.perf_counter()
             cases[n]()
-            times[n].append(time.perf_counter() - t0)
+            t1, c1, s1 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
+            times[n].append((t1 - t0, c1 - c0, s1 - s0))
     return times
 
 
@@ -98,14 +104,18 @@ def main(argv=None):
         dtype = getattr(torch, dname)
         cases = make_cases(args.size, dtype)
         times = measure(cases, names, args.repeats)
-        base = statistics.median(times["clone"]) if "clone" in times else None
+        med = {n: [statistics.median(x[i] for x in times[n]) for i in range(3)] for n in names}
+        base = med["clone"] if "clone" in med else None
         print(f"\n{dname} [{args.size}, {args.size}], {args.repeats} interleaved repeats")
-        print(f"  {'case':14s} {'median ms':>10s} {'p25..p75 ms':>16s} {'x clone':>8s}")
+        print(f"  {'case':14s} {'wall ms':>9s} {'p25..p75 ms':>16s} {'x clone':>8s} {'cpu ms':>8s} {'x clone':>8s}"
+              f" {'sys ms':>7s}")
         for n in names:
-            t = sorted(times[n])
+            t = sorted(x[0] for x in times[n])
             q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0]] * 3
-            rel = f"{statistics.median(t) / base:8.2f}" if base else ""
-            print(f"  {n:14s} {statistics.median(t) * 1e3:10.2f} {q[0] * 1e3:7.2f}..{q[2] * 1e3:7.2f} {rel}")
+            rel = f"{med[n][0] / base[0]:8.2f}" if base else ""
+            crel = f"{med[n][1] / base[1]:8.2f}" if base else ""
+            print(f"  {n:14s} {med[n][0] * 1e3:9.2f} {q[0] * 1e3:7.2f}..{q[2] * 1e3:7.2f} {rel} "
+                  f"{med[n][1] * 1e3:8.2f} {crel} {med[n][2] * 1e3:7.1f}")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else "")
 
 
