@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import statistics
 import time
@@ -29,20 +28,10 @@ import torch.nn.functional as F
 
 import td_kernels  # noqa: F401  (registers the backends)
 from td_kernels import native, reference
+from td_kernels.benchmark import device_name
 
 CASES = ("clone", "dropout_fwd", "dropout_bwd", "fwd", "fwd_bits", "bwd_recompute", "bwd_bits", "nm_fwd",
          "unit_fwd")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_cases(size: int, dtype: torch.dtype) -> dict:
@@ -95,7 +84,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown cases {sorted(unknown)}; known: {', '.join(CASES)}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{_cpu_name()}, {os.cpu_count()} CPUs, {args.threads} thread(s), torch {torch.__version__}; "
+    print(f"{device_name(torch.device('cpu'))}, {os.cpu_count()} CPUs, {args.threads} thread(s), torch {torch.__version__}; "
           f"load average {load:.1f} at start")
     print(f"native: {native.BUILD_INFO}")
     print(f"TD_KERNELS_HUGEPAGES={os.environ.get('TD_KERNELS_HUGEPAGES', '(unset: on)')} "

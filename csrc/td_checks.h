@@ -1,9 +1,11 @@
-// td_checks.h -- argument checks shared by the CPU and CUDA bindings. Each names the argument
-// (as flash-attention's CHECK_DEVICE / CHECK_SHAPE do) and raises ValueError or TypeError in
-// Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE), never a bare RuntimeError.
+// td_checks.h -- argument checks (and the bits output) shared by the CPU and CUDA bindings.
+// Each check names the argument (as flash-attention's CHECK_DEVICE / CHECK_SHAPE do) and
+// raises ValueError or TypeError in Python (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE), never a
+// bare RuntimeError.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <optional>
 #include <c10/util/Exception.h>
 
@@ -185,6 +187,13 @@ inline void check_unit_dropout_backward(const at::Tensor& grad, const at::Tensor
   TD_CHECK_DTYPE(keep, at::kBool);
   TD_CHECK_SHAPE(keep, grad.size(0));
   TD_CHECK_CONTIGUOUS(keep);
+}
+
+// The "bits" output of the forwards (shared by both bindings): int32 [U, ceil(F/32)] when
+// asked for (every word is written by the kernels), else an empty int32 tensor.
+inline at::Tensor new_bits(const at::Tensor& w, bool want) {
+  const int64_t U = w.size(0), words = (w.size(1) + 31) / 32;
+  return at::empty(want ? at::IntArrayRef{U, words} : at::IntArrayRef{0}, w.options().dtype(at::kInt));
 }
 
 }  // namespace td_native

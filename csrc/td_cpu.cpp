@@ -102,12 +102,6 @@ at::Tensor new_output(const at::Tensor& like) {
   return out;
 }
 
-// int32 [U, ceil(F/32)] when asked for, else an empty int32 tensor (the schema's "no bits")
-at::Tensor new_bits(const at::Tensor& w, bool want) {
-  const int64_t U = w.size(0);
-  return at::empty(want ? at::IntArrayRef{U, td::bits_words(w.size(1))} : at::IntArrayRef{0},
-                   w.options().dtype(at::kInt));
-}
 
 inline td::Window window_of(int64_t origin, int64_t row_stride) {
   return td::Window{(uint64_t)origin, (uint64_t)row_stride};

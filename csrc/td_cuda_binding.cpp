@@ -44,12 +44,6 @@ inline const uint32_t* words_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? reinterpret_cast<const uint32_t*>(t->data_ptr<int32_t>()) : nullptr;
 }
 
-// int32 [U, ceil(F/32)] when asked for (every word is written by the kernel), else empty
-at::Tensor new_bits(const at::Tensor& w, bool want) {
-  const int64_t U = w.size(0);
-  return at::empty(want ? at::IntArrayRef{U, td::bits_words(w.size(1))} : at::IntArrayRef{0},
-                   w.options().dtype(at::kInt));
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_dropout_cuda(const at::Tensor& w, int64_t seed, int64_t k,
                                                                    int64_t drop_threshold, int64_t origin,

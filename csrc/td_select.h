@@ -93,51 +93,57 @@ struct BufSource {
   uint32_t at(int64_t i) const { return p[i]; }
 };
 
-// counts[t] = #(x > thr[t]) for 4 thresholds; dst gets the x with thr[1] < x <= thr[2] in
-// order; returns how many. Thresholds lie in [-1, 2**31 - 1].
+// counts[t] += #(x > thr[t]) for 4 thresholds over the values from position i on; the x with
+// thr[1] < x <= thr[2] go to dst from position nb on, in order; returns the new nb.
+// Thresholds lie in [-1, 2**31 - 1]. The portable pass, and the vector passes' tails.
 template <class Src>
-inline int64_t band_pass_portable(const Src& src, int64_t n, const int32_t thr[4], int64_t counts[4],
-                                  uint32_t* __restrict dst) {
-  int64_t c0 = 0, c1 = 0, c2 = 0, c3 = 0, nb = 0;
-  for (int64_t i = 0; i < n; ++i) {
+inline int64_t band_tail(const Src& src, int64_t i, int64_t n, const int32_t thr[4], int64_t counts[4],
+                         uint32_t* __restrict dst, int64_t nb) {
+  for (; i < n; ++i) {
     const int32_t x = (int32_t)src.at(i);
-    c0 += x > thr[0];
-    c1 += x > thr[1];
-    c2 += x > thr[2];
-    c3 += x > thr[3];
+    counts[0] += x > thr[0];
+    counts[1] += x > thr[1];
+    counts[2] += x > thr[2];
+    counts[3] += x > thr[3];
     dst[nb] = (uint32_t)x;  // branch-free compaction
     nb += (x > thr[1]) & (x <= thr[2]);
   }
-  counts[0] = c0, counts[1] = c1, counts[2] = c2, counts[3] = c3;
   return nb;
 }
 
 #if TD_HAVE_AVX2_PATH
-// 8 rank values from position i of a source, as int32 lanes
+// The rank values of 8 (AVX2) or 16 (AVX-512) consecutive values of a source from position i,
+// as int32 lanes: float32 rows with the sign bit cleared, 16-bit rows widened and cleared
+// (Fm::rv), buffers as they are. float64 rows never get here (converted to a buffer first).
 template <class Src>
-struct Load8;
-template <>
-struct Load8<RowSource<FamF32>> {
-  __attribute__((target("avx2"))) static __m256i at(const RowSource<FamF32>& s, int64_t i) {
-    return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.p + i)),
-                            _mm256_set1_epi32(0x7FFFFFFF));
+struct Lanes;
+template <class Fm>
+struct Lanes<RowSource<Fm>> {
+  static constexpr bool k16 = sizeof(typename Fm::S) == 2;
+  static_assert(k16 || sizeof(typename Fm::S) == 4, "32- or 16-bit family");
+  __attribute__((target("avx2"))) static __m256i at8(const RowSource<Fm>& s, int64_t i) {
+    if constexpr (k16)
+      return _mm256_and_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.p + i))),
+                              _mm256_set1_epi32(0x7FFF));
+    else
+      return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.p + i)),
+                              _mm256_set1_epi32(0x7FFFFFFF));
+  }
+  __attribute__((target("avx512f"))) static __m512i at16(const RowSource<Fm>& s, int64_t i) {
+    if constexpr (k16)
+      return _mm512_and_si512(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.p + i))),
+                              _mm512_set1_epi32(0x7FFF));
+    else
+      return _mm512_and_si512(_mm512_loadu_si512(s.p + i), _mm512_set1_epi32(0x7FFFFFFF));
   }
 };
-template <class Fm16>
-struct Load8Half {
-  __attribute__((target("avx2"))) static __m256i at(const RowSource<Fm16>& s, int64_t i) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.p + i));
-    return _mm256_and_si256(_mm256_cvtepu16_epi32(h), _mm256_set1_epi32(0x7FFF));
-  }
-};
 template <>
-struct Load8<RowSource<FamF16>> : Load8Half<FamF16> {};
-template <>
-struct Load8<RowSource<FamBF16>> : Load8Half<FamBF16> {};
-template <>
-struct Load8<BufSource> {
-  __attribute__((target("avx2"))) static __m256i at(const BufSource& s, int64_t i) {
+struct Lanes<BufSource> {
+  __attribute__((target("avx2"))) static __m256i at8(const BufSource& s, int64_t i) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.p + i));
+  }
+  __attribute__((target("avx512f"))) static __m512i at16(const BufSource& s, int64_t i) {
+    return _mm512_loadu_si512(s.p + i);
   }
 };
 
@@ -169,7 +175,7 @@ __attribute__((target("avx2"))) int64_t band_pass_avx2(const Src& src, int64_t n
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;  // per-lane counts, negated
   int64_t nb = 0, i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256i x = Load8<Src>::at(src, i);
+    const __m256i x = Lanes<Src>::at8(src, i);
     const __m256i g1 = _mm256_cmpgt_epi32(x, t1), g2 = _mm256_cmpgt_epi32(x, t2);
     a0 = _mm256_add_epi32(a0, _mm256_cmpgt_epi32(x, t0));
     a1 = _mm256_add_epi32(a1, g1);
@@ -192,48 +198,13 @@ __attribute__((target("avx2"))) int64_t band_pass_avx2(const Src& src, int64_t n
     for (int j = 0; j < 8; ++j) c -= l[t][j];  // lanes hold -count (cmpgt gives -1)
     counts[t] = c;
   }
-  for (; i < n; ++i) {
-    const int32_t x = (int32_t)src.at(i);
-    counts[0] += x > thr[0];
-    counts[1] += x > thr[1];
-    counts[2] += x > thr[2];
-    counts[3] += x > thr[3];
-    dst[nb] = (uint32_t)x;
-    nb += (x > thr[1]) & (x <= thr[2]);
-  }
-  return nb;
+  return band_tail(src, i, n, thr, counts, dst, nb);
 }
 #endif
 
 #if TD_HAVE_AVX2_PATH
 // AVX-512F: 16 lanes, compares into mask registers and vpcompressd instead of the table
 // (~1 instruction per value against ~3 for AVX2).
-template <class Src>
-struct Load16;
-template <>
-struct Load16<RowSource<FamF32>> {
-  __attribute__((target("avx512f"))) static __m512i at(const RowSource<FamF32>& s, int64_t i) {
-    return _mm512_and_si512(_mm512_loadu_si512(s.p + i), _mm512_set1_epi32(0x7FFFFFFF));
-  }
-};
-template <class Fm16>
-struct Load16Half {
-  __attribute__((target("avx512f"))) static __m512i at(const RowSource<Fm16>& s, int64_t i) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.p + i));
-    return _mm512_and_si512(_mm512_cvtepu16_epi32(h), _mm512_set1_epi32(0x7FFF));
-  }
-};
-template <>
-struct Load16<RowSource<FamF16>> : Load16Half<FamF16> {};
-template <>
-struct Load16<RowSource<FamBF16>> : Load16Half<FamBF16> {};
-template <>
-struct Load16<BufSource> {
-  __attribute__((target("avx512f"))) static __m512i at(const BufSource& s, int64_t i) {
-    return _mm512_loadu_si512(s.p + i);
-  }
-};
-
 template <class Src>
 __attribute__((target("avx512f"))) int64_t band_pass_avx512(const Src& src, int64_t n, const int32_t thr[4],
                                                             int64_t counts[4], uint32_t* __restrict dst) {
@@ -242,7 +213,7 @@ __attribute__((target("avx512f"))) int64_t band_pass_avx512(const Src& src, int6
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;  // per-lane counts
   int64_t nb = 0, i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512i x = Load16<Src>::at(src, i);
+    const __m512i x = Lanes<Src>::at16(src, i);
     const __mmask16 g1 = _mm512_cmpgt_epi32_mask(x, t1), g2 = _mm512_cmpgt_epi32_mask(x, t2);
     a0 = _mm512_mask_add_epi32(a0, _mm512_cmpgt_epi32_mask(x, t0), a0, one);
     a1 = _mm512_mask_add_epi32(a1, g1, a1, one);
@@ -256,16 +227,7 @@ __attribute__((target("avx512f"))) int64_t band_pass_avx512(const Src& src, int6
   counts[1] = _mm512_reduce_add_epi32(a1);
   counts[2] = _mm512_reduce_add_epi32(a2);
   counts[3] = _mm512_reduce_add_epi32(a3);
-  for (; i < n; ++i) {
-    const int32_t x = (int32_t)src.at(i);
-    counts[0] += x > thr[0];
-    counts[1] += x > thr[1];
-    counts[2] += x > thr[2];
-    counts[3] += x > thr[3];
-    dst[nb] = (uint32_t)x;
-    nb += (x > thr[1]) & (x <= thr[2]);
-  }
-  return nb;
+  return band_tail(src, i, n, thr, counts, dst, nb);
 }
 #endif
 
@@ -279,7 +241,8 @@ inline int64_t band_pass(const Src& src, int64_t n, const int32_t thr[4], int64_
   if (simd == Simd::kAvx2) return band_pass_avx2(src, n, thr, counts, dst);
 #endif
   (void)simd;
-  return band_pass_portable(src, n, thr, counts, dst);
+  for (int t = 0; t < 4; ++t) counts[t] = 0;
+  return band_tail(src, 0, n, thr, counts, dst, 0);
 }
 
 // ---- sorting 64 values without branches ----------------------------------------------------
