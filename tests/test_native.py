@@ -536,3 +536,24 @@ def test_unit_random(U, F, dtype, seed, targ, drop):
     assume(bool(((srt[1:] - srt[:-1]) > 1e-5 * srt[1:]).all()) if U > 1 else True)
     assert not math.isnan(float(norms.sum()))
     check_unit(w, seed, targ, drop)
+
+
+def test_avx2_path_without_avx512():
+    """TD_KERNELS_AVX512=0 makes a CPU with AVX-512 run the AVX2 loops (selection, Philox
+    tiles): the same bits as the reference there too (the host test covers every path's
+    kernels; this covers the switch and the glue)."""
+    import subprocess
+    import sys
+    code = ("import torch; from td_kernels import native, reference as R\n"
+            "w = torch.randn(9, 1000, generator=torch.Generator().manual_seed(3))\n"
+            "for win in (None, R.Window(3, 1003)):\n"
+            "    a = native.weight_dropout(w, 5, 400, 2**31, window=win, bits=True)\n"
+            "    b = R.weight_dropout(w, 5, 400, 2**31, window=win, bits=True)\n"
+            "    assert torch.equal(a[0].view(torch.int32), b[0].view(torch.int32)) and torch.equal(a[2], b[2])\n"
+            "    assert torch.equal(native.nm_dropout(w, 5, 2, 4, 2**31, window=win, bits=True)[1],\n"
+            "                       R.nm_dropout(w, 5, 2, 4, 2**31, window=win, bits=True)[1])\n"
+            "print(native.BUILD_INFO)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "TD_KERNELS_AVX512": "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "AVX-512)" not in res.stdout, res.stdout
