@@ -165,6 +165,7 @@ void weight_forward(const at::Tensor& w, at::Tensor& out, int32_t* lp, const int
       td::ApplyCtx ctx;
       ctx.simd = simd;
       for (int64_t u = a; u < b; ++u) {
+        if (u + 1 < b) td::prefetch_row(wp + (u + 1) * F, sizeof(*wp) * (size_t)F);
         select_row(u, s);
         apply(u, 0, F, ctx);
       }

@@ -1,17 +1,18 @@
 // td_cpu_philox.h -- Philox4x32-10 (td_core.h) over runs of consecutive blocks on the CPU.
 //
 // The CPU kernels draw words for every position of a row, so the random stream is their
-// largest compute cost. Two versions write the same words as td::philox_block:
+// largest compute cost. These versions write the same words as td::philox_block:
 //   philox_blocks_portable  16 blocks at a time in struct-of-arrays form, which compilers
 //                           vectorize at the baseline ISA (SSE2 on x86-64, NEON on arm64);
 //   philox_blocks_avx2      8 blocks per 256-bit register with explicit intrinsics, 3 such
 //                           groups interleaved so the multiplies of one overlap the others'
-//                           latency (0.55 ns/word vs 1.7 portable, one core of the 2-core
-//                           EPYC dev box), compiled for AVX2 with a target attribute and
-//                           picked at run time only where the CPU has AVX2.
-// Its core, philox8_avx2, returns the words in registers; td_cpu.cpp's apply loop calls it
-// directly (no word buffer). Torch-free: csrc/tests/test_core.cpp checks both batch versions
-// against td::philox_block (the 3-group path included: its lengths reach 24 blocks and more).
+//                           latency, compiled for AVX2 with a target attribute and picked at
+//                           run time only where the CPU has AVX2 (0.89 ns/word, one core of
+//                           the 2-core Xeon dev VM);
+//   philox8_avx512          the same words with AVX-512F (0.50 ns/word there).
+// The cores philox8_avx2 / philox8_avx512 return the words in registers; the apply loops
+// (td_cpu_tiles.inc) call them directly (no word buffer). Torch-free: csrc/tests/test_core.cpp
+// checks the batch versions against td::philox_block and the apply loops on every path.
 #pragma once
 
 #include <stdint.h>

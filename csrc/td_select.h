@@ -70,8 +70,8 @@ inline uint32_t select_rank(uint32_t* rv, int64_t n, int64_t k, H* hist, int bit
 }
 
 // ---- sample-bracketed selection -------------------------------------------------------------
-// Radix select pays one scattered histogram increment per element (~10 cycles per element on a
-// 4096-long row here, most of the old forward). This selection instead narrows the set with
+// Radix select pays one scattered histogram increment per element (2.3-4 ns per element on a
+// 4096-long float32 row on the dev VM, most of the old forward). This selection narrows the set with
 // passes that vectorize: per level, sort a strided sample of 64 values, take two sample values
 // lo <= hi bracketing rank k, and in ONE pass over the set count the values >= lo, > lo, >= hi,
 // > hi and compact the values strictly between lo and hi. The counts say where rank k lies:
@@ -80,7 +80,8 @@ inline uint32_t select_rank(uint32_t* rv, int64_t n, int64_t k, H* hist, int bit
 // sample misjudged) compacts that side in a second pass. Every step excludes at least the
 // value lo or hi, so the set shrinks strictly; a level that keeps more than 3/4 of the set
 // hands over to the radix select. Values are < 2**31 (rank values), compared as int32.
-// Cost per element of a 4096-long float32 row: ~1 AVX2 pass (~0.4 ns), plus sample sorts.
+// A 4096-long row takes ~4 levels (4096 -> ~1300 -> ~400 -> ~130 -> ~40, then one sort):
+// 0.8-0.9 ns per element with AVX2/AVX-512 on the dev VM (row in cache), 3x less than radix.
 
 // The values of a level: the row itself (level 1, converted by Fm::rv on the fly) or a buffer.
 template <class Fm>
