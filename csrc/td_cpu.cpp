@@ -153,7 +153,7 @@ void weight_forward(const at::Tensor& w, at::Tensor& out, int32_t* lp, const int
     return;
   }
   auto select_row = [&](int64_t u, td::SelectScratch& s) {
-    const uint32_t t = td::row_threshold<Fm>(wp + u * F, F, k, s);
+    const uint32_t t = td::row_threshold<Fm>(wp + u * F, F, k, s, td::best_simd());
     lp[u] = td::limit_from_threshold_key(Fm::key_from_rv(t));
     lim_rv[u] = (int32_t)t - 1;  // strict: rv < t  <=>  rv <= t - 1
   };

@@ -335,10 +335,14 @@ static void test_select_sampled_family(const char* name) {
         for (int64_t i = 0; i < n; ++i) sorted[i] = Fm::rv(row[i]);
         std::sort(sorted.begin(), sorted.end());
         std::vector<uint32_t> b0(td::select_scratch_size(n)), b1(td::select_scratch_size(n));
+        td::SelectScratch scratch(n);
         for (int64_t k : {int64_t(0), n / 10, n / 3, n / 2, (9 * n) / 10, n - 1}) {
           const uint32_t got = td::select_rank_sampled<Fm>(row.data(), n, k, b0.data(), b1.data(), hist, simd);
           EXPECT(got == sorted[k], "select_rank_sampled %s %s n=%lld style=%d k=%lld: %x vs %x", name,
                  simd_name(simd), (long long)n, style, (long long)k, got, sorted[k]);
+          const uint32_t t = td::row_threshold<Fm>(row.data(), n, k, scratch, simd);  // radix without SIMD
+          EXPECT(t == sorted[k], "row_threshold %s %s n=%lld k=%lld", name, simd_name(simd), (long long)n,
+                 (long long)k);
         }
       }
 }
