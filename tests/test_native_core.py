@@ -64,8 +64,9 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
 
 @pytest.mark.skipif(_nvcc() is None or shutil.which("g++") is None, reason="nvcc or g++ not found")
 def test_cuda_binding_compiles(tmp_path):
-    """The tensor-side binding (torch + c10/cuda headers) parses; with a CPU-only torch the one
-    generated header it lacks, cuda_cmake_macros.h, is stubbed."""
+    """The tensor-side binding (torch + c10/cuda headers) and td_ops.cpp as a CUDA build compiles
+    it parse; with a CPU-only torch the one generated header it lacks, cuda_cmake_macros.h, is
+    stubbed."""
     torch = pytest.importorskip("torch")
     from torch.utils import cpp_extension as ce
     import sysconfig
@@ -84,6 +85,11 @@ def test_cuda_binding_compiles(tmp_path):
            f"-I{sysconfig.get_paths()['include']}"]
     cmd += [f"-I{p}" for p in ce.include_paths()]
     res = subprocess.run(cmd + [os.path.join(CSRC, "td_cuda_binding.cpp")], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    # _C.BUILD_INFO's CUDA part, with the macros setup.py passes to a CUDA build
+    macros = ["-DTD_CUDA_SMS=80,90", "-DTD_CUDA_PTX=90", "-DTD_NVCC_MAJOR=13", "-DTD_NVCC_MINOR=0"]
+    res = subprocess.run(cmd + macros + [os.path.join(CSRC, "td_ops.cpp")], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
 
