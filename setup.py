@@ -25,6 +25,23 @@ if BUILD_EXT not in ("0", "1", "auto", ""):
     sys.exit(f"TD_KERNELS_BUILD_EXT must be 0, 1 or unset, got {BUILD_EXT!r}")
 
 
+CUDA_SMS = (80, 90)  # SASS for these architectures
+CUDA_PTX = 90        # plus PTX of this one
+
+
+def _nvcc_version(nvcc):
+    """(major, minor) from `nvcc --version` ("... release 13.0, V13.0.48"); (0, 0) if unreadable."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        m = re.search(r"release (\d+)\.(\d+)", out)
+        return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    except (OSError, subprocess.SubprocessError):
+        return (0, 0)
+
+
 def _extension_and_cmdclass():
     import torch
     from torch.utils import cpp_extension as ce
@@ -45,11 +62,14 @@ def _extension_and_cmdclass():
         sources += ["csrc/td_cuda.cu", "csrc/td_cuda_binding.cpp"]
         # no --use_fast_math: its flush-to-zero would change the keys of float64 weights
         # whose float32 rounding is subnormal, and its approximate sqrt the unit norms
-        nv = ["-O3", "-lineinfo",
-              "-gencode=arch=compute_80,code=sm_80",
-              "-gencode=arch=compute_90,code=sm_90",
-              "-gencode=arch=compute_90,code=compute_90"]  # PTX: newer GPUs JIT it
-        ext = ce.CUDAExtension("td_kernels._C", sources, define_macros=[("TD_WITH_CUDA", None)],
+        nv = ["-O3", "-lineinfo"] + [f"-gencode=arch=compute_{sm},code=sm_{sm}" for sm in CUDA_SMS]
+        nv.append(f"-gencode=arch=compute_{CUDA_PTX},code=compute_{CUDA_PTX}")  # PTX: newer GPUs JIT it
+        major, minor = _nvcc_version(nvcc)
+        # _C.BUILD_INFO is composed from these numbers in csrc/td_ops.cpp (macro values with
+        # spaces or quotes would not survive the build's shell)
+        macros = [("TD_WITH_CUDA", None), ("TD_CUDA_SMS", ",".join(map(str, CUDA_SMS))),
+                  ("TD_CUDA_PTX", str(CUDA_PTX)), ("TD_NVCC_MAJOR", str(major)), ("TD_NVCC_MINOR", str(minor))]
+        ext = ce.CUDAExtension("td_kernels._C", sources, define_macros=macros,
                                extra_compile_args={"cxx": cxx, "nvcc": nv}, **kwargs)
     else:
         ext = ce.CppExtension("td_kernels._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)

@@ -69,6 +69,83 @@ TD_HD uint32_t philox_word(uint64_t seed, uint64_t p) {
 // D = floor(drop_rate * 2**32) lies in [0, 2**32], so it needs 64 bits: D = 2**32 drops all.
 TD_HD bool drops(uint32_t word, uint64_t D) { return (uint64_t)word < D; }
 
+// ---- SPEC section 12: where a local element sits in the global stream ----------------------
+// A local [U, F] block is a window of a global weight: element (u, j) has the stream position
+// origin + u * row_stride + j (origin 0, row_stride F for a whole weight). Each row is a run
+// of consecutive positions starting at row_start(u); its Philox blocks of 4 are anchored on
+// GLOBAL positions (block q holds positions 4q .. 4q+3), so a row whose start is not a multiple
+// of 4 begins and ends inside a block. The launchers keep every position below 2**62.
+struct Window {
+  uint64_t origin, row_stride;
+};
+TD_HD uint64_t row_start(const Window& win, int64_t u) { return win.origin + (uint64_t)u * win.row_stride; }
+
+// Bit i of the result: word(p0 + i) < D, for i in [0, n), n <= 28 (blocks p0/4 .. (p0+n-1)/4).
+// The drop bits of a short run of positions whose start need not be block-aligned.
+TD_HD uint32_t below_bits(uint64_t seed, uint64_t p0, int n, uint64_t D) {
+  const unsigned off = (unsigned)(p0 & 3);
+  const uint64_t q0 = p0 >> 2;
+  uint32_t acc = 0;
+  for (unsigned b = 0; 4 * b < off + (unsigned)n; ++b) {
+    const Words4 r = philox_block(seed, q0 + b);
+    acc |= (uint32_t)(((uint64_t)r.x < D) | (((uint64_t)r.y < D) << 1) | (((uint64_t)r.z < D) << 2) |
+                      (((uint64_t)r.w < D) << 3)) << (4 * b);
+  }
+  acc >>= off;
+  return n >= 32 ? acc : acc & ((1u << n) - 1u);
+}
+
+// ---- SPEC section 7: the bit-packed keep mask ------------------------------------------------
+// int32 [U, bits_words(F)]: bit j % 32 of word [u, j / 32] is keep(u, j), padding bits 0
+// (reference.pack_bits). Words are handled as uint32.
+TD_HD int64_t bits_words(int64_t F) { return (F + 31) / 32; }
+TD_HD bool bit_at(const uint32_t* row_bits, int64_t j) { return (row_bits[j >> 5] >> (j & 31)) & 1u; }
+// The 32 bits of columns j .. j+31 (bits past the row's last word read as 0): nwords = the
+// row's word count.
+TD_HD uint32_t bits32_at(const uint32_t* row_bits, int64_t j, int64_t nwords) {
+  const int64_t w = j >> 5;
+  const unsigned s = (unsigned)(j & 31);
+  const uint32_t lo = row_bits[w] >> s;
+  return s == 0 || w + 1 >= nwords ? lo : lo | (row_bits[w + 1] << (32 - s));
+}
+// OR the 32 bits `b` (bit i = column j + i) into a row's words; b must be 0 at columns >= the
+// row's end, so nothing is written past its last word.
+TD_HD void or_bits32(uint32_t* row_bits, int64_t j, uint32_t b) {
+  const unsigned s = (unsigned)(j & 31);
+  row_bits[j >> 5] |= b << s;
+  if (s != 0 && (b >> (32 - s)) != 0) row_bits[(j >> 5) + 1] |= b >> (32 - s);
+}
+
+// ---- SPEC section 11: N:M targeting --------------------------------------------------------
+// Within a group of m elements (keys key_at(0 .. m-1)), the rank of element i in (key, j)
+// order: how many elements come before it (a smaller key, or an equal key at a lower index).
+// Element i is a candidate iff its rank < m - n. O(m) per element, m <= 16.
+template <class KeyAt>
+TD_HD int nm_rank(KeyAt key_at, int m, int i) {
+  const uint32_t ki = key_at(i);
+  int r = 0;
+  for (int l = 0; l < m; ++l) {
+    const uint32_t kl = key_at(l);
+    r += (int)(kl < ki) | (int)(kl == ki && l < i);
+  }
+  return r;
+}
+TD_HD bool nm_candidate(int rank, int n, int m) { return rank < m - n; }
+// Bit i set iff element i of the group (keys[0 .. m-1]) is a candidate. The same ranks as
+// nm_rank, one comparison per pair (l < i): l comes first iff key_l <= key_i. Branch-free.
+TD_HD uint32_t nm_group_candidates(const uint32_t* keys, int n, int m) {
+  int r[16] = {0};
+  for (int i = 1; i < m; ++i)
+    for (int l = 0; l < i; ++l) {
+      const int first = keys[l] <= keys[i];
+      r[i] += first;
+      r[l] += 1 - first;
+    }
+  uint32_t c = 0;
+  for (int i = 0; i < m; ++i) c |= (uint32_t)nm_candidate(r[i], n, m) << i;
+  return c;
+}
+
 // ---- SPEC section 2: rank keys --------------------------------------------------------------
 // key(x) = bits(|float32(x)|), in [0, 2**31); NaN keys lie above +inf's 0x7F800000.
 constexpr uint32_t kKeyMax = 0x7FFFFFFFu;

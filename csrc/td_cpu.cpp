@@ -1,43 +1,44 @@
-// td_cpu.cpp -- the CPU kernels of backend "native" (SPEC.md sections 4-7), registered as the
-// CPU implementation of the td_kernels_native ops (schemas in td_ops.cpp).
+// td_cpu.cpp -- the CPU kernels of backend "native" (SPEC.md sections 4-7, 11, 12), registered
+// as the CPU implementation of the td_kernels_native ops (schemas in td_ops.cpp). The loops
+// live in td_cpu_kernels.h (torch-free, run by the host unit test too); this file allocates
+// the outputs and splits the work across threads.
 //
-// Weight targeting, per unit (row) of F elements:
-//   select  one pass reads the row, writes its rank values rv and counts their top 11-bit
-//           digit; a radix select (td_select.h) then narrows to the rank-k value on the
-//           survivors only (typically < 5% of the row): O(F), ~F reads + F 4-byte writes.
-//   apply   Philox4x32-10 once per 4 stream positions, then a branch-free select
-//           out = (rv <= limit && word < D) ? +0 : w: reads w once more (from L1/L2: rows
-//           are selected and applied back to back) and writes out once. With AVX2 (32-
-//           and 16-bit dtypes) the words of 96 positions at a time stay in registers and
-//           are used at once (apply_tiles_avx2); otherwise, and for the few positions at
-//           a row's ends, 1024 words at a time go through a 4 KiB buffer in L1.
-//           No words at all when D is 0 or 2**32 or the row has no candidate.
-// Memory traffic per element: one DRAM read of w, one DRAM write of out (sizeof(T) each);
-// the rv buffer and the words stay in cache. The backward reads w (keys) and grad, writes
-// grad_w: 3 * sizeof(T) per element, 4 bytes per unit (limit); Philox is its only compute
-// (~0.55 ns per element per core with AVX2), which the memory streams mostly hide on large
-// weights.
-// Unit targeting: one read of w for the norms (squares summed in float64, the norm rounded
-// once to float32; float64 weights keep a float64 norm), a selection over the U norm keys,
-// then a row copy or a row of zeros: 2 reads + 1 write.
+// Work is split into pieces: columns [j0, j1) of one row, j0 a multiple of 32 (32 * m for
+// N:M, so pieces hold whole groups), rows longer than kGrainElems cut into several pieces.
+// A piece owns whole words of the bit mask: no two threads write one word. Which thread runs
+// which piece never changes a bit of any output.
+//
+// Memory traffic per element (T = sizeof(dtype); "DRAM" = traffic of weights past the caches):
+//   weight forward       w read once from DRAM (the selection's passes and the apply re-read
+//                        the row from L1/L2: rows are selected and applied back to back when
+//                        there are enough rows), out written once: 2T; + 1/8 byte with bits.
+//   weight backward      recompute: grad and w read, grad_w written: 3T (+ 4 bytes per unit).
+//                        bits: grad read, grad_w written, bits read: 2T + 1/8 byte.
+//   N:M forward          as the weight forward (candidates from W's keys per group, no
+//                        selection): 2T (+ 1/8 byte with bits); backward 3T or 2T + 1/8.
+//   unit forward         one read of w for the norms, then a row copy or a row of zeros:
+//                        2 reads + 1 write (3T); backward: grad read, grad_w written: 2T.
+// Fresh outputs of 4 MiB and more are advised onto transparent huge pages (see new_output).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "td_checks.h"
 #include "td_core.h"
-#include "td_cpu_philox.h"
-#include "td_select.h"
+#include "td_cpu_kernels.h"
 
 namespace td_native {
 namespace {
@@ -62,187 +63,97 @@ template <class Fm>
 typename Fm::S* ptr(const at::Tensor& t) {
   return reinterpret_cast<typename Fm::S*>(t.data_ptr());
 }
+inline uint32_t* words_ptr(const at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
 
-constexpr uint64_t kDropAll = uint64_t(1) << 32;
-constexpr int64_t kChunk = 1024;        // words per Philox batch: 4 KiB, stays in L1
 constexpr int64_t kGrainElems = 32768;  // elements per parallel task (amortizes the fork)
 
-// The general case of apply_range on positions [p, e) of one row (limit lim >= 0, 0 < D < 2**32):
-// Philox words for 1024 positions at a time into an L1 buffer, then a branch-free select.
-template <class Fm>
-void apply_words(const typename Fm::S* __restrict wk, const typename Fm::S* __restrict val,
-                 typename Fm::S* __restrict out, int64_t p, int64_t e, int32_t lim, uint64_t seed,
-                 uint32_t D32) {
-  using S = typename Fm::S;
-  alignas(64) uint32_t words[kChunk + 8];
-  while (p < e) {
-    const int64_t n = std::min(kChunk, e - p);
-    const uint64_t q0 = (uint64_t)p >> 2, q1 = (uint64_t)(p + n - 1) >> 2;
-    td::philox_blocks(seed, q0, (int64_t)(q1 - q0 + 1), words);
-    const uint32_t* wd = words + (p & 3);
-    const S* wkp = wk + p;
-    const S* vp = val + p;
-    S* op = out + p;
-    for (int64_t i = 0; i < n; ++i) {  // branch-free: drops are random, branches would miss
-      const uint32_t drop = (uint32_t)((int32_t)Fm::rv(wkp[i]) <= lim) & (uint32_t)(wd[i] < D32);
-      op[i] = vp[i] & (S)((S)drop - S(1));
-    }
-    p += n;
-  }
+// ---- fresh outputs ------------------------------------------------------------------------
+// A fresh 64 MiB tensor comes from mmap, and its first write faults in each of its 16384 4 KiB
+// pages (the kernel zeroes each one): on the 2-core VM that costs about as much as copying the
+// data. Every fresh output pays it (a clone too). With 2 MiB pages the same memory takes 32
+// faults. madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a fresh output asks for them
+// (transparent huge pages in "madvise" mode, the common default; it is advice: where THP is off
+// nothing changes). torch does the same for all its CPU allocations under THP_MEM_ALLOC_ENABLE=1.
+// TD_KERNELS_HUGEPAGES=0 turns it off (for comparisons).
+bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("TD_KERNELS_HUGEPAGES");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return on;
 }
 
-#if TD_HAVE_AVX2_PATH
-constexpr int kTileGroups = 3;  // Philox groups of 8 blocks interleaved per tile (ILP)
-
-// Positions p .. p+31 (p a multiple of 4) given their 32 words r[0..3] in stream order.
-template <class Fm>
-__attribute__((target("avx2"), always_inline)) inline void tile32(const typename Fm::S* __restrict wk,
-                                                                  const typename Fm::S* __restrict val,
-                                                                  typename Fm::S* __restrict out, int64_t p,
-                                                                  const __m256i* r, int32_t lim, uint32_t D32) {
-  using S = typename Fm::S;
-  static_assert(sizeof(S) == 4 || sizeof(S) == 2, "32- or 16-bit family");
-  const __m256i sign = _mm256_set1_epi32(INT32_MIN);
-  const __m256i Dx = _mm256_set1_epi32((int)(D32 ^ 0x80000000u));  // word < D: signed compare after ^ sign
-  __m256i lt[4];  // all ones where the word is below D
-  for (int j = 0; j < 4; ++j) lt[j] = _mm256_cmpgt_epi32(Dx, _mm256_xor_si256(r[j], sign));
-  if constexpr (sizeof(S) == 4) {  // rv = bits & 0x7FFFFFFF, compared as int32 with lim
-    const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), limv = _mm256_set1_epi32(lim);
-    for (int j = 0; j < 4; ++j) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + p + 8 * j));
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + p + 8 * j));
-      const __m256i noncand = _mm256_cmpgt_epi32(_mm256_and_si256(w, mag), limv);
-      const __m256i drop = _mm256_andnot_si256(noncand, lt[j]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p + 8 * j), _mm256_andnot_si256(drop, v));
-    }
-  } else {  // rv = bits & 0x7FFF <= 0x7FFF: int16 compare with lim clamped to 0x7FFF
-    const __m256i mag = _mm256_set1_epi16(0x7FFF);
-    const __m256i limv = _mm256_set1_epi16((short)std::min<int32_t>(lim, 0x7FFF));
-    for (int j = 0; j < 2; ++j) {
-      // 16-bit masks of 16 words; packs works per 128-bit lane, permute4x64 restores the order
-      const __m256i lt16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(lt[2 * j], lt[2 * j + 1]), 0xD8);
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + p + 16 * j));
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(val + p + 16 * j));
-      const __m256i noncand = _mm256_cmpgt_epi16(_mm256_and_si256(w, mag), limv);
-      const __m256i drop = _mm256_andnot_si256(noncand, lt16);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p + 16 * j), _mm256_andnot_si256(drop, v));
-    }
-  }
-}
-
-// The same as apply_words for 32- and 16-bit families, fused: each 32-position tile (8 Philox
-// blocks, p a multiple of 4) gets its words in registers (td::philox8_avx2, kTileGroups tiles
-// interleaved: 96 positions per step, 1.4x faster than one tile at a time here) and is
-// selected right away, so no word buffer is written or read and the Philox arithmetic
-// overlaps the loads of w and val. Handles whole tiles from p on (then single tiles);
-// returns the first position not done.
-template <class Fm>
-__attribute__((target("avx2"))) int64_t apply_tiles_avx2(const typename Fm::S* __restrict wk,
-                                                         const typename Fm::S* __restrict val,
-                                                         typename Fm::S* __restrict out, int64_t p, int64_t e,
-                                                         int32_t lim, const td::PhiloxKeys8& keys, uint32_t D32) {
-  for (; p + 32 * kTileGroups <= e; p += 32 * kTileGroups) {
-    __m256i r[4 * kTileGroups];
-    td::philox8_avx2<kTileGroups>(keys, (uint64_t)p >> 2, r);
-    for (int g = 0; g < kTileGroups; ++g) tile32<Fm>(wk, val, out, p + 32 * g, r + 4 * g, lim, D32);
-  }
-  for (; p + 32 <= e; p += 32) {
-    __m256i r[4];
-    td::philox8_avx2<1>(keys, (uint64_t)p >> 2, r);
-    tile32<Fm>(wk, val, out, p, r, lim, D32);
-  }
-  return p;
-}
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t n = t.nbytes();
+  if (n < 2 * kHuge || !huge_pages_enabled()) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + n) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice: failure is harmless
+#else
+  (void)t;
 #endif
-
-// out[p] = val[p], or +0 where element p (a candidate, rv(wk[p]) <= lim_rv[row]) draws a word
-// below D; flat positions p in [a, b) of a U x F matrix. wk and val are one tensor in the
-// forward (w, w) and two in the backward (w for the keys, grad for the values).
-template <class Fm>
-void apply_range(const typename Fm::S* __restrict wk, const typename Fm::S* __restrict val,
-                 typename Fm::S* __restrict out, int64_t F, const int32_t* lim_rv, int64_t a,
-                 int64_t b, uint64_t seed, uint64_t D) {
-  using S = typename Fm::S;
-#if TD_HAVE_AVX2_PATH
-  constexpr bool kFused = sizeof(S) <= 4;
-  const bool fused = kFused && td::cpu_has_avx2();
-  td::PhiloxKeys8 keys;  // computed on first use: rows shorter than a tile never need them
-  bool have_keys = false;
-#endif
-  for (int64_t p = a; p < b;) {
-    const int64_t u = p / F, row_end = std::min(b, (u + 1) * F);
-    const int32_t lim = lim_rv[u];
-    if (lim < 0 || D == 0) {  // no candidate in this row, or nothing drops
-      std::memcpy(out + p, val + p, sizeof(S) * (row_end - p));
-      p = row_end;
-      continue;
-    }
-    if (D == kDropAll && lim >= (int32_t)((1u << Fm::kBits) - 1)) {  // every element drops
-      std::memset(out + p, 0, sizeof(S) * (row_end - p));                // (+0), nothing read
-      p = row_end;
-      continue;
-    }
-    if (D == kDropAll) {  // every candidate drops: no random words needed (pruning)
-      for (int64_t i = p; i < row_end; ++i) {
-        const S keep = (S)((int32_t)Fm::rv(wk[i]) <= lim) - S(1);  // all ones or 0
-        out[i] = val[i] & keep;
-      }
-      p = row_end;
-      continue;
-    }
-    const uint32_t D32 = (uint32_t)D;
-#if TD_HAVE_AVX2_PATH
-    if constexpr (kFused) {
-      if (fused && row_end - p >= 35) {  // up to the next block boundary, then whole tiles fused
-        if (!have_keys) td::philox_keys8(seed, keys);
-        have_keys = true;
-        const int64_t head = (p + 3) & ~int64_t(3);
-        apply_words<Fm>(wk, val, out, p, head, lim, seed, D32);
-        p = apply_tiles_avx2<Fm>(wk, val, out, head, row_end, lim, keys, D32);
-      }
-    }
-#endif
-    apply_words<Fm>(wk, val, out, p, row_end, lim, seed, D32);  // what is left (all, without AVX2)
-    p = row_end;
-  }
 }
 
-// The rank value at 0-based position k (0 < k < F) of one row: its threshold t.
-template <class Fm>
-uint32_t row_threshold(const typename Fm::S* row, int64_t F, int64_t k, uint32_t* rv, uint32_t* hist) {
-  if (F <= td::kSelectSmall) {
-    for (int64_t j = 0; j < F; ++j) rv[j] = Fm::rv(row[j]);
-    std::nth_element(rv, rv + k, rv + F);
-    return rv[k];
-  }
-  std::memset(hist, 0, sizeof(uint32_t) * td::kRadixBins);
-  const int shift = td::radix_first_shift(Fm::kBits);
-  for (int64_t j = 0; j < F; ++j) {  // fused: rank values + first-digit histogram
-    const uint32_t v = Fm::rv(row[j]);
-    rv[j] = v;
-    ++hist[td::radix_digit(v, shift)];
-  }
-  return td::select_rank_counted(rv, F, k, hist, Fm::kBits);
+at::Tensor new_output(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+  advise_huge_pages(out);
+  return out;
 }
 
+
+inline td::Window window_of(int64_t origin, int64_t row_stride) {
+  return td::Window{(uint64_t)origin, (uint64_t)row_stride};
+}
+
+// ---- splitting the work -------------------------------------------------------------------
+// fn(u, j0, j1, ctx) for every piece of a U x F matrix; pieces hold `align` columns or a
+// multiple (the last of a row: what is left), rows up to kGrainElems are one piece.
+template <class Fn>
+void run_pieces(int64_t U, int64_t F, int64_t align, td::Simd simd, Fn&& fn) {
+  const int64_t len = F <= kGrainElems ? F : std::max(align, kGrainElems / align * align);
+  const int64_t per_row = (F + len - 1) / len;
+  at::parallel_for(0, U * per_row, std::max<int64_t>(1, kGrainElems / len), [&](int64_t a, int64_t b) {
+    td::ApplyCtx ctx;
+    ctx.simd = simd;
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t u = i / per_row, j0 = (i % per_row) * len;
+      fn(u, j0, std::min(F, j0 + len), ctx);
+    }
+  });
+}
+
+// the tile loops apply_row may use for this family (none for float64)
 template <class Fm>
-void weight_forward(const at::Tensor& w, at::Tensor& out, at::Tensor& limit, int64_t k, uint64_t seed,
-                    uint64_t D) {
-  const int64_t U = w.size(0), F = w.size(1);
+td::Simd simd_for() {
+  return sizeof(typename Fm::S) <= 4 ? td::best_simd() : td::Simd::kNone;
+}
+
+// ---- weight targeting -----------------------------------------------------------------------
+// lim_rv[u]: the limit in rank-value space (what apply_row compares); lp: the output limit.
+template <class Fm>
+void weight_forward(const at::Tensor& w, at::Tensor& out, int32_t* lp, const int32_t* given, int64_t k,
+                    uint64_t seed, uint64_t D, td::Window win, uint32_t* bits) {
+  const int64_t U = w.size(0), F = w.size(1), W = td::bits_words(F);
   const auto* wp = ptr<Fm>(w);
   auto* op = ptr<Fm>(out);
-  int32_t* lp = limit.data_ptr<int32_t>();
   std::vector<int32_t> lim_rv(U);
-  if (k == 0 || k == F) {  // SPEC: no candidate / every element, no selection
-    std::fill(lp, lp + U, k == 0 ? -1 : (int32_t)td::kKeyMax);
-    std::fill(lim_rv.begin(), lim_rv.end(), k == 0 ? -1 : (int32_t)td::kKeyMax);
-    at::parallel_for(0, U * F, kGrainElems, [&](int64_t a, int64_t b) {
-      apply_range<Fm>(wp, wp, op, F, lim_rv.data(), a, b, seed, D);
-    });
+  const td::Simd simd = simd_for<Fm>();
+  auto apply = [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
+    td::apply_row<Fm>(wp + u * F, wp + u * F, op + u * F, j0, j1, td::row_start(win, u), td::CandKeys{lim_rv[u]},
+                      seed, D, bits ? bits + u * W : nullptr, ctx);
+  };
+  if (given != nullptr || k == 0 || k == F) {  // no selection: the given limits, or SPEC's k = 0 / F
+    for (int64_t u = 0; u < U; ++u) {
+      lp[u] = given ? given[u] : k == 0 ? -1 : (int32_t)td::kKeyMax;
+      lim_rv[u] = Fm::rv_limit(lp[u]);
+    }
+    run_pieces(U, F, 32, simd, apply);
     return;
   }
-  auto select_row = [&](int64_t u, uint32_t* rv, uint32_t* hist) {
-    const uint32_t t = row_threshold<Fm>(wp + u * F, F, k, rv, hist);
+  auto select_row = [&](int64_t u, td::SelectScratch& s) {
+    const uint32_t t = td::row_threshold<Fm>(wp + u * F, F, k, s, td::best_simd());
     lp[u] = td::limit_from_threshold_key(Fm::key_from_rv(t));
     lim_rv[u] = (int32_t)t - 1;  // strict: rv < t  <=>  rv <= t - 1
   };
@@ -250,29 +161,29 @@ void weight_forward(const at::Tensor& w, at::Tensor& out, at::Tensor& limit, int
   if (U >= 2 * nthreads || U * F < 4 * kGrainElems) {
     // enough rows to share out: select and apply each row while it is in cache
     at::parallel_for(0, U, std::max<int64_t>(1, kGrainElems / F), [&](int64_t a, int64_t b) {
-      std::vector<uint32_t> rv(F);
-      uint32_t hist[td::kRadixBins];
+      td::SelectScratch s(F);
+      td::ApplyCtx ctx;
+      ctx.simd = simd;
       for (int64_t u = a; u < b; ++u) {
-        select_row(u, rv.data(), hist);
-        apply_range<Fm>(wp, wp, op, F, lim_rv.data(), u * F, (u + 1) * F, seed, D);
+        if (u + 1 < b) td::prefetch_row(wp + (u + 1) * F, sizeof(*wp) * (size_t)F);
+        select_row(u, s);
+        apply(u, 0, F, ctx);
       }
     });
   } else {
-    // few long rows: select per row, then apply over the flat range with every thread
+    // few long rows: select per row, then apply the pieces with every thread
     at::parallel_for(0, U, 1, [&](int64_t a, int64_t b) {
-      std::vector<uint32_t> rv(F);
-      uint32_t hist[td::kRadixBins];
-      for (int64_t u = a; u < b; ++u) select_row(u, rv.data(), hist);
+      td::SelectScratch s(F);
+      for (int64_t u = a; u < b; ++u) select_row(u, s);
     });
-    at::parallel_for(0, U * F, kGrainElems, [&](int64_t a, int64_t b) {
-      apply_range<Fm>(wp, wp, op, F, lim_rv.data(), a, b, seed, D);
-    });
+    run_pieces(U, F, 32, simd, apply);
   }
 }
 
+// grad_w = keep ? grad : +0 with keep recomputed from w's keys, the limits and the seed
 template <class Fm>
-void weight_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit,
-                     at::Tensor& out, uint64_t seed, uint64_t D) {
+void weight_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit, at::Tensor& out,
+                     uint64_t seed, uint64_t D, td::Window win) {
   const int64_t U = w.size(0), F = w.size(1);
   const int32_t* lp = limit.data_ptr<int32_t>();
   std::vector<int32_t> lim_rv(U);
@@ -280,11 +191,45 @@ void weight_backward(const at::Tensor& grad, const at::Tensor& w, const at::Tens
   const auto* wp = ptr<Fm>(w);
   const auto* gp = ptr<Fm>(grad);
   auto* op = ptr<Fm>(out);
-  at::parallel_for(0, U * F, kGrainElems, [&](int64_t a, int64_t b) {
-    apply_range<Fm>(wp, gp, op, F, lim_rv.data(), a, b, seed, D);
+  run_pieces(U, F, 32, simd_for<Fm>(), [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
+    td::apply_row<Fm>(wp + u * F, gp + u * F, op + u * F, j0, j1, td::row_start(win, u), td::CandKeys{lim_rv[u]},
+                      seed, D, nullptr, ctx);
   });
 }
 
+// grad_w = keep ? grad : +0 with keep read from the bit mask (weight and N:M targeting alike)
+template <class Fm>
+void bits_backward(const at::Tensor& grad, const at::Tensor& bits, at::Tensor& out) {
+  const int64_t U = grad.size(0), F = grad.size(1), W = td::bits_words(F);
+  const auto* gp = ptr<Fm>(grad);
+  const uint32_t* bp = words_ptr(bits);
+  auto* op = ptr<Fm>(out);
+  run_pieces(U, F, 32, simd_for<Fm>(), [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
+    td::apply_bits_row(gp + u * F, op + u * F, bp + u * W, j0, j1, ctx.simd);
+  });
+}
+
+// ---- N:M targeting --------------------------------------------------------------------------
+// Each piece computes its groups' candidate bits into a per-thread buffer, then applies them.
+// val = w (forward) or grad (backward); bits: the forward's keep mask, or null.
+template <class Fm>
+void nm_apply(const at::Tensor& w, const typename Fm::S* val, at::Tensor& out, int64_t n, int64_t m,
+              uint64_t seed, uint64_t D, td::Window win, uint32_t* bits) {
+  const int64_t U = w.size(0), F = w.size(1), W = td::bits_words(F);
+  const auto* wp = ptr<Fm>(w);
+  auto* op = ptr<Fm>(out);
+  run_pieces(U, F, 32 * m, simd_for<Fm>(), [&](int64_t u, int64_t j0, int64_t j1, td::ApplyCtx& ctx) {
+    thread_local std::vector<uint32_t> cbits;
+    const int64_t nw = (j1 - j0 + 31) / 32;
+    if ((int64_t)cbits.size() < nw) cbits.resize(nw);
+    const auto* row = wp + u * F;
+    td::nm_candidates<Fm>(row, j0, j1, (int)n, (int)m, cbits.data(), ctx.simd);
+    td::apply_row<Fm>(row, val + u * F, op + u * F, j0, j1, td::row_start(win, u),
+                      td::CandBits{cbits.data(), j0, nw}, seed, D, bits ? bits + u * W : nullptr, ctx);
+  });
+}
+
+// ---- unit targeting -----------------------------------------------------------------------
 // L2 norm of each row as reference.unit_norms: squares summed in float64, sqrt in float64,
 // rounded once to Fm::Norm (float32; float64 weights keep the float64 norm). The squares of
 // 16/32-bit values are exact in float64 and the sum's rounding error (~F * 2**-53 relative)
@@ -351,28 +296,69 @@ void apply_rows(const at::Tensor& src, const bool* keep, at::Tensor& out) {
 }
 
 // ---- the op implementations (schemas in td_ops.cpp) ------------------------------------------
-std::tuple<at::Tensor, at::Tensor> weight_dropout_cpu(const at::Tensor& w, int64_t seed, int64_t k,
-                                                      int64_t drop_threshold) {
-  check_weight_dropout(w, seed, k, drop_threshold, c10::kCPU);
-  at::Tensor out = at::empty_like(w);
-  at::Tensor limit = at::empty({w.size(0)}, w.options().dtype(at::kInt));
-  if (w.numel() == 0) {
-    limit.fill_(k == 0 ? -1 : (int64_t)td::kKeyMax);
-    return {out, limit};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_dropout_cpu(const at::Tensor& w, int64_t seed, int64_t k,
+                                                                  int64_t drop_threshold, int64_t origin,
+                                                                  int64_t row_stride,
+                                                                  const std::optional<at::Tensor>& limit,
+                                                                  bool bits) {
+  check_weight_dropout(w, seed, k, drop_threshold, origin, row_stride, limit, c10::kCPU);
+  at::Tensor out = new_output(w);
+  at::Tensor lim = at::empty({w.size(0)}, w.options().dtype(at::kInt));
+  at::Tensor bt = new_bits(w, bits);
+  const int32_t* given = limit.has_value() ? limit->data_ptr<int32_t>() : nullptr;
+  if (w.numel() == 0) {  // F = 0 (k = 0) or U = 0: the limits only
+    for (int64_t u = 0; u < w.size(0); ++u) lim.data_ptr<int32_t>()[u] = given ? given[u] : -1;
+    return {out, lim, bt};
   }
   dispatch_family(w.scalar_type(), [&](auto fam) {
-    weight_forward<decltype(fam)>(w, out, limit, k, (uint64_t)seed, (uint64_t)drop_threshold);
+    weight_forward<decltype(fam)>(w, out, lim.data_ptr<int32_t>(), given, k, (uint64_t)seed,
+                                  (uint64_t)drop_threshold, window_of(origin, row_stride),
+                                  bits ? words_ptr(bt) : nullptr);
   });
-  return {out, limit};
+  return {out, lim, bt};
 }
 
-at::Tensor weight_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit,
-                                       int64_t seed, int64_t drop_threshold) {
-  check_weight_dropout_backward(grad, w, limit, seed, drop_threshold, c10::kCPU);
-  at::Tensor out = at::empty_like(grad);
+at::Tensor weight_dropout_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& w,
+                                       const std::optional<at::Tensor>& limit, int64_t seed, int64_t drop_threshold,
+                                       int64_t origin, int64_t row_stride, const std::optional<at::Tensor>& bits) {
+  check_weight_dropout_backward(grad, w, limit, bits, seed, drop_threshold, origin, row_stride, c10::kCPU);
+  at::Tensor out = new_output(grad);
   if (grad.numel() == 0) return out;
+  dispatch_family(grad.scalar_type(), [&](auto fam) {
+    using Fm = decltype(fam);
+    if (bits.has_value()) bits_backward<Fm>(grad, *bits, out);
+    else weight_backward<Fm>(grad, *w, *limit, out, (uint64_t)seed, (uint64_t)drop_threshold,
+                             window_of(origin, row_stride));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> nm_dropout_cpu(const at::Tensor& w, int64_t seed, int64_t n, int64_t m,
+                                                  int64_t drop_threshold, int64_t origin, int64_t row_stride,
+                                                  bool bits) {
+  check_nm_dropout(w, seed, n, m, drop_threshold, origin, row_stride, c10::kCPU);
+  at::Tensor out = new_output(w);
+  at::Tensor bt = new_bits(w, bits);
+  if (w.numel() == 0) return {out, bt};
   dispatch_family(w.scalar_type(), [&](auto fam) {
-    weight_backward<decltype(fam)>(grad, w, limit, out, (uint64_t)seed, (uint64_t)drop_threshold);
+    using Fm = decltype(fam);
+    nm_apply<Fm>(w, ptr<Fm>(w), out, n, m, (uint64_t)seed, (uint64_t)drop_threshold, window_of(origin, row_stride),
+                 bits ? words_ptr(bt) : nullptr);
+  });
+  return {out, bt};
+}
+
+at::Tensor nm_dropout_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& w, int64_t seed,
+                                   int64_t n, int64_t m, int64_t drop_threshold, int64_t origin, int64_t row_stride,
+                                   const std::optional<at::Tensor>& bits) {
+  check_nm_dropout_backward(grad, w, bits, seed, n, m, drop_threshold, origin, row_stride, c10::kCPU);
+  at::Tensor out = new_output(grad);
+  if (grad.numel() == 0) return out;
+  dispatch_family(grad.scalar_type(), [&](auto fam) {
+    using Fm = decltype(fam);
+    if (bits.has_value()) bits_backward<Fm>(grad, *bits, out);
+    else nm_apply<Fm>(*w, ptr<Fm>(grad), out, n, m, (uint64_t)seed, (uint64_t)drop_threshold,
+                      window_of(origin, row_stride), nullptr);
   });
   return out;
 }
@@ -381,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> unit_dropout_cpu(const at::Tensor& w, int64_t
                                                     int64_t drop_threshold) {
   check_unit_dropout(w, seed, k, drop_threshold, c10::kCPU);
   const int64_t U = w.size(0), F = w.size(1);
-  at::Tensor out = at::empty_like(w);
+  at::Tensor out = new_output(w);
   at::Tensor keep = at::empty({U}, w.options().dtype(at::kBool));
   bool* kp = keep.data_ptr<bool>();
   dispatch_family(w.scalar_type(), [&](auto fam) {
@@ -396,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> unit_dropout_cpu(const at::Tensor& w, int64_t
 
 at::Tensor unit_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& keep) {
   check_unit_dropout_backward(grad, keep, c10::kCPU);
-  at::Tensor out = at::empty_like(grad);
+  at::Tensor out = new_output(grad);
   if (grad.numel() > 0) apply_rows(grad, keep.data_ptr<bool>(), out);
   return out;
 }
@@ -406,6 +392,8 @@ at::Tensor unit_dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& k
 TORCH_LIBRARY_IMPL(td_kernels_native, CPU, m) {
   m.impl("weight_dropout", &weight_dropout_cpu);
   m.impl("weight_dropout_backward", &weight_dropout_backward_cpu);
+  m.impl("nm_dropout", &nm_dropout_cpu);
+  m.impl("nm_dropout_backward", &nm_dropout_backward_cpu);
   m.impl("unit_dropout", &unit_dropout_cpu);
   m.impl("unit_dropout_backward", &unit_dropout_backward_cpu);
 }

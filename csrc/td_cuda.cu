@@ -1,23 +1,22 @@
-// td_cuda.cu -- the CUDA kernels of backend "native" (SPEC.md sections 4-7), torch-free: raw
-// pointers and a stream (interface in td_cuda.h; td_cuda_binding.cpp adapts tensors).
+// td_cuda.cu -- the CUDA kernels of backend "native" (SPEC.md sections 4-7, 11, 12), torch-free:
+// raw pointers and a stream (interface in td_cuda.h; td_cuda_binding.cpp adapts tensors). The
+// arithmetic (Philox, keys, drop decision, N:M ranks, window positions, mask words) is td_core.h's,
+// which the host unit test exercises on the CPU.
 //
 // Weight targeting forward = two kernels:
 //   _weight_select  one 256-thread block per unit: a shared-memory radix select over the
 //                   row's rank values (11-bit digits, 2048 shared counters, one shared-atomic
 //                   count per survivor and pass; 3 passes for 31-bit keys, 2 for 16-bit types)
 //                   -> limit[u] = t - 1. Reads the row once per pass (L2-resident after the
-//                   first): ~1 DRAM read of w per element.
-//   _apply          flat over all U*F elements (so a long row gets many blocks): each thread
-//                   owns a chunk of 4 or 8 elements at a multiple-of-4 flat position, reads it
-//                   with 16-byte vector loads, draws Philox once per 4 elements, writes the
-//                   chunk with 16-byte stores. 1 read + 1 write of w per element, 4 bytes per
-//                   unit (limit). The backward is the same kernel with grad as the values:
-//                   2 reads + 1 write per element.
+//                   first): ~1 DRAM read of w per element. Skipped when the limits are given.
+//   _apply<kKeys>   per row, a warp per 32 x 16 bytes of columns (see _apply): 1 read + 1 write
+//                   of w per element, 4 bytes per unit (limit), + 1 bit per element with bits.
+// Backward: _apply<kKeys> with grad as the values (2 reads + 1 write), or _apply<kBits> (grad
+// and 1 bit read, 1 write). N:M: _apply<kNM> forward and recompute backward (no selection).
 // Unit targeting: _unit_norms (one block per unit, reads the row once: squares summed in
 // float64, the norm rounded once to float32, float64 norms for float64 weights), _unit_select
-// (one block: radix select over the U norm keys, one coin per unit), then _apply in row mode
-// (copy or zero each row).
-// All indexing of elements is int64.
+// (one block: radix select over the U norm keys, one coin per unit), then _apply<kRows>.
+// All indexing of elements is int64. Compiled for sm_80/sm_90 here; never run on a GPU yet.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -35,14 +34,6 @@ using td::FamBF16;  // dtype families (td_core.h): storage word, rank value, key
 using td::FamF16;
 using td::FamF32;
 using td::FamF64;
-
-// Elements per thread chunk in _apply: one 16-byte vector, and at least one Philox block.
-template <class S>
-struct Chunk {
-  static constexpr int kVec = 16 / (int)sizeof(S);          // elements per 16-byte access
-  static constexpr int kN = kVec > 4 ? kVec : 4;             // 8 (16-bit), 4 (f32, f64)
-  static constexpr int kLoads = kN / kVec;                   // 1, or 2 for float64
-};
 
 // ---- block-wide radix select (shared memory) -----------------------------------------------
 struct SelectSmem {
@@ -168,86 +159,130 @@ __global__ void __launch_bounds__(kThreads) _weight_select(const typename Fm::S*
   }
 }
 
-// ---- the element-wise apply (forward, backward, unit rows) ---------------------------------
-enum class Mode { kWeight, kRows };
+// ---- the element-wise apply (forwards, backwards, unit rows) --------------------------------
+// Where a column's drop decision comes from:
+//   kKeys  weight targeting: candidate iff key(wk) <= limit[row], dropped iff also word(pos) < D
+//   kNM    N:M targeting: candidate iff its rank in its group of m (td::nm_rank, keys read
+//          through L1) < m - n, dropped iff also word(pos) < D
+//   kBits  the backward from the bit mask: dropped iff its keep bit is 0 (no W, no Philox)
+//   kRows  unit targeting: the whole row dropped iff !keep[row]
+enum class Src { kKeys, kNM, kBits, kRows };
 
-// out[p] = val[p], or +0 where dropped. kWeight: dropped iff key(wk[p]) <= limit[row] and
-// word(p) < D. kRows: dropped iff !keep[row]. Thread chunks of kN elements at flat positions
-// multiple of kN (so each chunk's words are whole Philox blocks).
-template <class Fm, Mode M, bool kAligned>
-__global__ void __launch_bounds__(kThreads) _apply(const typename Fm::S* __restrict__ wk,
-                                                    const typename Fm::S* __restrict__ val,
-                                                    typename Fm::S* __restrict__ out,
-                                                    const int32_t* __restrict__ limit,
-                                                    const bool* __restrict__ keep, int64_t total, int64_t F,
-                                                    uint64_t seed, uint64_t D) {
-  using S = typename Fm::S;
-  using C = Chunk<S>;
-  const int64_t nchunks = (total + C::kN - 1) / C::kN;
-  for (int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x; c < nchunks; c += (int64_t)gridDim.x * kThreads) {
-    const int64_t p0 = c * C::kN;
-    const bool full = kAligned && p0 + C::kN <= total;
-    S v[C::kN], kv[C::kN];
-    if (full) {
+struct ApplyArgs {
+  const void* wk;          // the weight (kKeys, kNM), else unused
+  const void* val;         // the values passed through: w (forwards) or grad (backwards)
+  void* out;
+  uint32_t* bits_out;      // keep bits [U, ceil(F/32)] to write, or null
+  const uint32_t* bits_in; // kBits: the keep bits to read
+  const int32_t* limit;    // kKeys
+  const bool* keep;        // kRows
+  int64_t U, F;
+  td::Window win;
+  uint64_t seed, D;
+  int n, m;                // kNM
+};
+
+// The V = 16 / sizeof(S) columns [j, j + V) of a row (nvalid of them inside it): one 16-byte
+// access when the whole vector is inside and aligned, else element by element.
+template <class S>
+__device__ __forceinline__ void load_cols(const S* row, int64_t j, int nvalid, bool aligned, S* v) {
+  constexpr int V = 16 / (int)sizeof(S);
+  if (aligned && nvalid == V) {
+    unpack16(__ldg(reinterpret_cast<const uint4*>(row + j)), v);
+  } else {
 #pragma unroll
-      for (int l = 0; l < C::kLoads; ++l) {
-        unpack16(__ldg(reinterpret_cast<const uint4*>(val + p0) + l), &v[l * C::kVec]);
-        if (M == Mode::kWeight) {
+    for (int i = 0; i < V; ++i) v[i] = i < nvalid ? row[j + i] : S(0);
+  }
+}
+template <class S>
+__device__ __forceinline__ void store_cols(S* row, int64_t j, int nvalid, bool aligned, const S* v) {
+  constexpr int V = 16 / (int)sizeof(S);
+  if (aligned && nvalid == V) {
+    *reinterpret_cast<uint4*>(row + j) = pack16(v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i)
+      if (i < nvalid) row[j + i] = v[i];
+  }
+}
+
+// out = keep ? val : +0, per row. A warp handles 32 * V consecutive columns of one row per
+// step (lane l: columns j .. j+V-1, j = step start + l * V, one 16-byte vector), so loads
+// and stores are coalesced and every index is int64. A lane draws the Philox blocks of its
+// own V positions (td::below_bits: 1 block per 4 columns when the row's stream start is a
+// multiple of 4, one more when not: positions are global, windows may start anywhere).
+// Mask words: the 32 / V lanes covering one word OR their bits together with shuffles and
+// the first of them writes it, so each word has exactly one writer (no atomics, no races).
+// Traffic per element: kKeys and kNM read val (and w when it is another tensor: the
+// recompute backward) and write out; kBits reads grad and 1 bit, writes out; + 1 bit out
+// with bits_out. kNM re-reads each group's m keys from L1 per column (m <= 16).
+template <class Fm, Src M>
+__global__ void __launch_bounds__(kThreads) _apply(ApplyArgs a, bool aligned) {
+  using S = typename Fm::S;
+  constexpr int V = 16 / (int)sizeof(S);  // columns per lane: 8 (16-bit), 4 (f32), 2 (f64)
+  constexpr int kSpan = 32 * V;           // columns per warp step
+  constexpr int G = 32 / V;               // lanes per mask word
+  const int lane = threadIdx.x & 31;
+  const int64_t F = a.F, W = td::bits_words(F);
+  const int64_t steps = (F + kSpan - 1) / kSpan, items = a.U * steps;
+  const int64_t nwarps = ((int64_t)gridDim.x * kThreads) >> 5;
+  const S* val = static_cast<const S*>(a.val);
+  const S* wk = static_cast<const S*>(a.wk);
+  S* out = static_cast<S*>(a.out);
+  for (int64_t it = (((int64_t)blockIdx.x * kThreads) >> 5) + (threadIdx.x >> 5); it < items; it += nwarps) {
+    const int64_t u = it / steps;  // warp-uniform: every lane takes part in the shuffles below
+    const int64_t j = (it - u * steps) * kSpan + (int64_t)lane * V;
+    const int64_t base = u * F;
+    const int nvalid = F - j >= V ? V : (F > j ? (int)(F - j) : 0);
+    const uint32_t valid = (1u << nvalid) - 1u;
+    uint32_t drop = 0;  // bit i: column j + i is dropped
+    if (nvalid > 0) {
+      S v[V];
+      load_cols(val + base, j, nvalid, aligned, v);
+      if (M == Src::kBits) {
+        drop = ~(a.bits_in[u * W + (j >> 5)] >> (j & 31)) & valid;  // V divides 32: one word
+      } else if (M == Src::kRows) {
+        drop = a.keep[u] ? 0u : valid;
+      } else {
+        uint32_t cand = 0;
+        if (M == Src::kKeys) {
+          S kv[V];
           if (wk == val) {
 #pragma unroll
-            for (int i = 0; i < C::kVec; ++i) kv[l * C::kVec + i] = v[l * C::kVec + i];
+            for (int i = 0; i < V; ++i) kv[i] = v[i];
           } else {
-            unpack16(__ldg(reinterpret_cast<const uint4*>(wk + p0) + l), &kv[l * C::kVec]);
+            load_cols(wk + base, j, nvalid, aligned, kv);
+          }
+          const int64_t lim = a.limit[u];
+#pragma unroll
+          for (int i = 0; i < V; ++i) cand |= (uint32_t)((int64_t)Fm::key(kv[i]) <= lim) << i;
+        } else {  // kNM
+          const S* row = wk + base;
+#pragma unroll 1  // unrolled, the 8 columns' rank loops of 16-bit types spill on sm_80
+          for (int i = 0; i < V; ++i) {
+            if (i < nvalid) {
+              const int64_t col = j + i, g0 = col - col % a.m;
+              const int r = td::nm_rank([&](int l) { return Fm::key(__ldg(row + g0 + l)); }, a.m, (int)(col - g0));
+              cand |= (uint32_t)td::nm_candidate(r, a.n, a.m) << i;
+            }
           }
         }
+        cand &= valid;
+        uint32_t lt = a.D >= (uint64_t(1) << 32) ? ~0u : 0u;  // D = 2**32: every word is below D
+        if (cand != 0 && a.D > 0 && a.D < (uint64_t(1) << 32))
+          lt = td::below_bits(a.seed, td::row_start(a.win, u) + (uint64_t)j, V, a.D);
+        drop = cand & lt;
       }
-    } else {
 #pragma unroll
-      for (int i = 0; i < C::kN; ++i) {
-        const bool in = p0 + i < total;
-        v[i] = in ? val[p0 + i] : S(0);
-        if (M == Mode::kWeight) kv[i] = in ? wk[p0 + i] : S(0);
-      }
+      for (int i = 0; i < V; ++i)
+        if ((drop >> i) & 1u) v[i] = S(0);  // all-zero bits: +0.0
+      store_cols(out + base, j, nvalid, aligned, v);
     }
-    int64_t u = p0 / F, row_end = (u + 1) * F;
-    if (M == Mode::kWeight) {
-      td::Words4 r[C::kN / 4];
-      const bool draw = D > 0 && D < (uint64_t(1) << 32);  // else every word decides alike
+    if (a.bits_out != nullptr) {  // uniform: a kernel argument
+      uint32_t word = (~drop & valid) << (j & 31);
 #pragma unroll
-      for (int b = 0; b < C::kN / 4; ++b)
-        r[b] = draw ? td::philox_block(seed, (uint64_t)(p0 >> 2) + b) : td::Words4{0u, 0u, 0u, 0u};
-      int32_t lim = limit[u];
-#pragma unroll
-      for (int i = 0; i < C::kN; ++i) {
-        if (p0 + i >= total) break;
-        while (p0 + i >= row_end) {  // a chunk may span rows when F is small or not aligned
-          ++u;
-          row_end += F;
-          lim = limit[u];
-        }
-        if (td::dropped(Fm::key(kv[i]), lim, td::lane(r[i >> 2], i & 3), D)) v[i] = S(0);
-      }
-    } else {
-      bool kp = keep[u];
-#pragma unroll
-      for (int i = 0; i < C::kN; ++i) {
-        if (p0 + i >= total) break;
-        while (p0 + i >= row_end) {
-          ++u;
-          row_end += F;
-          kp = keep[u];
-        }
-        if (!kp) v[i] = S(0);
-      }
-    }
-    if (full) {
-#pragma unroll
-      for (int l = 0; l < C::kLoads; ++l)
-        reinterpret_cast<uint4*>(out + p0)[l] = pack16(&v[l * C::kVec]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < C::kN; ++i)
-        if (p0 + i < total) out[p0 + i] = v[i];
+      for (int o = 1; o < G; o <<= 1) word |= __shfl_xor_sync(0xFFFFFFFFu, word, o);
+      if (lane % G == 0 && j < F) a.bits_out[u * W + (j >> 5)] = word;
     }
   }
 }
@@ -318,19 +353,13 @@ int grid_for(int64_t work_items) {  // blocks for a grid-stride loop over work_i
 
 int grid_rows(int64_t U) { return (int)(U > (1 << 20) ? (1 << 20) : (U < 1 ? 1 : U)); }
 
-template <class Fm, Mode M>
-cudaError_t launch_apply(const void* wk, const void* val, void* out, const int32_t* limit, const bool* keep,
-                         int64_t U, int64_t F, uint64_t seed, uint64_t D, cudaStream_t stream) {
-  using S = typename Fm::S;
-  const int64_t total = U * F;
-  const int grid = grid_for((total + Chunk<S>::kN - 1) / Chunk<S>::kN);
-  const bool al = aligned16(val) && aligned16(out) && (M == Mode::kRows || aligned16(wk));
-  if (al)
-    _apply<Fm, M, true><<<grid, kThreads, 0, stream>>>((const S*)wk, (const S*)val, (S*)out, limit, keep, total, F,
-                                                       seed, D);
-  else
-    _apply<Fm, M, false><<<grid, kThreads, 0, stream>>>((const S*)wk, (const S*)val, (S*)out, limit, keep, total,
-                                                        F, seed, D);
+template <class Fm, Src M>
+cudaError_t launch_apply(const ApplyArgs& a, cudaStream_t stream) {
+  constexpr int V = 16 / (int)sizeof(typename Fm::S);
+  const int64_t warps = a.U * ((a.F + 32 * V - 1) / (32 * V));
+  const bool reads_w = M == Src::kKeys || M == Src::kNM;
+  const bool al = a.F % V == 0 && aligned16(a.val) && aligned16(a.out) && (!reads_w || aligned16(a.wk));
+  _apply<Fm, M><<<grid_for(warps * 32), kThreads, 0, stream>>>(a, al);
   TD_LAUNCH_CHECK();
   return cudaSuccess;
 }
@@ -340,18 +369,35 @@ __global__ void _fill_i32(int32_t* p, int64_t n, int32_t v) {
     p[i] = v;
 }
 
+ApplyArgs args(const void* wk, const void* val, void* out, int64_t U, int64_t F, uint64_t seed, uint64_t D,
+               td::Window win) {
+  ApplyArgs a{};
+  a.wk = wk;
+  a.val = val;
+  a.out = out;
+  a.U = U;
+  a.F = F;
+  a.seed = seed;
+  a.D = D;
+  a.win = win;
+  return a;
+}
+
 template <class Fm>
-cudaError_t weight_dropout_t(const void* w, void* out, int32_t* limit, int64_t U, int64_t F, int64_t k,
-                             uint64_t seed, uint64_t D, cudaStream_t stream) {
-  if (k == 0 || k == F) {  // SPEC: no candidate / every element: no selection
+cudaError_t weight_dropout_t(const void* w, void* out, int32_t* limit, bool limit_given, uint32_t* bits, int64_t U,
+                             int64_t F, int64_t k, uint64_t seed, uint64_t D, td::Window win, cudaStream_t stream) {
+  if (!limit_given && (k == 0 || k == F)) {  // SPEC: no candidate / every element: no selection
     _fill_i32<<<grid_for(U), kThreads, 0, stream>>>(limit, U, k == 0 ? -1 : (int32_t)td::kKeyMax);
-  } else {
+  } else if (!limit_given) {
     constexpr int V = 16 / (int)sizeof(typename Fm::S);
     const bool al = aligned16(w) && F % V == 0;
     _weight_select<Fm><<<grid_rows(U), kThreads, 0, stream>>>((const typename Fm::S*)w, limit, U, F, (uint32_t)k, al);
   }
   TD_LAUNCH_CHECK();
-  return launch_apply<Fm, Mode::kWeight>(w, w, out, limit, nullptr, U, F, seed, D, stream);
+  ApplyArgs a = args(w, w, out, U, F, seed, D, win);
+  a.limit = limit;
+  a.bits_out = bits;
+  return launch_apply<Fm, Src::kKeys>(a, stream);
 }
 
 template <class Fm>
@@ -364,7 +410,10 @@ cudaError_t unit_dropout_t(const void* w, void* out, bool* keep, void* norms, in
   TD_LAUNCH_CHECK();
   _unit_select<Norm><<<1, kThreads, 0, stream>>>((const Norm*)norms, keep, U, k, seed, D);
   TD_LAUNCH_CHECK();
-  return launch_apply<Fm, Mode::kRows>(w, w, out, nullptr, keep, U, F, seed, D, stream);
+  if (U * F == 0) return cudaSuccess;
+  ApplyArgs a = args(w, w, out, U, F, 0, 0, td::Window{0, (uint64_t)F});
+  a.keep = keep;
+  return launch_apply<Fm, Src::kRows>(a, stream);
 }
 
 template <class Fn>
@@ -380,19 +429,51 @@ cudaError_t dispatch(DType dt, Fn&& fn) {
 
 }  // namespace
 
-cudaError_t weight_dropout(DType dt, const void* w, void* out, int32_t* limit, int64_t U, int64_t F, int64_t k,
-                           uint64_t seed, uint64_t D, cudaStream_t stream) {
+cudaError_t weight_dropout(DType dt, const void* w, void* out, int32_t* limit, bool limit_given, uint32_t* bits,
+                           int64_t U, int64_t F, int64_t k, uint64_t seed, uint64_t D, td::Window win,
+                           cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    return weight_dropout_t<decltype(fam)>(w, out, limit, U, F, k, seed, D, stream);
+    return weight_dropout_t<decltype(fam)>(w, out, limit, limit_given, bits, U, F, k, seed, D, win, stream);
   });
 }
 
-cudaError_t weight_dropout_backward(DType dt, const void* grad, const void* w, const int32_t* limit, void* out,
-                                    int64_t U, int64_t F, uint64_t seed, uint64_t D, cudaStream_t stream) {
+cudaError_t weight_dropout_backward(DType dt, const void* grad, const void* w, const int32_t* limit,
+                                    const uint32_t* bits, void* out, int64_t U, int64_t F, uint64_t seed, uint64_t D,
+                                    td::Window win, cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    return launch_apply<decltype(fam), Mode::kWeight>(w, grad, out, limit, nullptr, U, F, seed, D, stream);
+    using Fm = decltype(fam);
+    ApplyArgs a = args(w, grad, out, U, F, seed, D, win);
+    a.limit = limit;
+    a.bits_in = bits;
+    return bits ? launch_apply<Fm, Src::kBits>(a, stream) : launch_apply<Fm, Src::kKeys>(a, stream);
+  });
+}
+
+cudaError_t nm_dropout(DType dt, const void* w, void* out, uint32_t* bits, int64_t U, int64_t F, int n, int m,
+                       uint64_t seed, uint64_t D, td::Window win, cudaStream_t stream) {
+  if (U * F == 0) return cudaSuccess;
+  return dispatch(dt, [&](auto fam) {
+    ApplyArgs a = args(w, w, out, U, F, seed, D, win);
+    a.bits_out = bits;
+    a.n = n;
+    a.m = m;
+    return launch_apply<decltype(fam), Src::kNM>(a, stream);
+  });
+}
+
+cudaError_t nm_dropout_backward(DType dt, const void* grad, const void* w, const uint32_t* bits, void* out,
+                                int64_t U, int64_t F, int n, int m, uint64_t seed, uint64_t D, td::Window win,
+                                cudaStream_t stream) {
+  if (U * F == 0) return cudaSuccess;
+  return dispatch(dt, [&](auto fam) {
+    using Fm = decltype(fam);
+    ApplyArgs a = args(w, grad, out, U, F, seed, D, win);
+    a.bits_in = bits;
+    a.n = n;
+    a.m = m;
+    return bits ? launch_apply<Fm, Src::kBits>(a, stream) : launch_apply<Fm, Src::kNM>(a, stream);
   });
 }
 
@@ -408,7 +489,9 @@ cudaError_t unit_dropout_backward(DType dt, const void* grad, const bool* keep, 
                                   cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    return launch_apply<decltype(fam), Mode::kRows>(grad, grad, out, nullptr, keep, U, F, 0, 0, stream);
+    ApplyArgs a = args(grad, grad, out, U, F, 0, 0, td::Window{0, (uint64_t)F});
+    a.keep = keep;
+    return launch_apply<decltype(fam), Src::kRows>(a, stream);
   });
 }
 

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "td_checks.h"
@@ -35,32 +36,78 @@ td_cuda::DType dtype_of(const at::Tensor& t) {
     C10_CUDA_KERNEL_LAUNCH_CHECK(); \
   } while (0)
 
-std::tuple<at::Tensor, at::Tensor> weight_dropout_cuda(const at::Tensor& w, int64_t seed, int64_t k,
-                                                       int64_t drop_threshold) {
-  check_weight_dropout(w, seed, k, drop_threshold, c10::kCUDA);
-  const c10::cuda::CUDAGuard guard(w.device());
-  at::Tensor out = at::empty_like(w);
-  at::Tensor limit = at::empty({w.size(0)}, w.options().dtype(at::kInt));
-  if (w.numel() == 0) {
-    limit.fill_(k == 0 ? -1 : 0x7FFFFFFF);
-    return {out, limit};
-  }
-  TD_CUDA_RUN(td_cuda::weight_dropout(dtype_of(w), w.data_ptr(), out.data_ptr(), limit.data_ptr<int32_t>(),
-                                      w.size(0), w.size(1), k, (uint64_t)seed, (uint64_t)drop_threshold,
-                                      c10::cuda::getCurrentCUDAStream()));
-  return {out, limit};
+inline td::Window window_of(int64_t origin, int64_t row_stride) {
+  return td::Window{(uint64_t)origin, (uint64_t)row_stride};
+}
+inline uint32_t* words(const at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
+inline const uint32_t* words_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? reinterpret_cast<const uint32_t*>(t->data_ptr<int32_t>()) : nullptr;
 }
 
-at::Tensor weight_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& limit,
-                                        int64_t seed, int64_t drop_threshold) {
-  check_weight_dropout_backward(grad, w, limit, seed, drop_threshold, c10::kCUDA);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_dropout_cuda(const at::Tensor& w, int64_t seed, int64_t k,
+                                                                   int64_t drop_threshold, int64_t origin,
+                                                                   int64_t row_stride,
+                                                                   const std::optional<at::Tensor>& limit,
+                                                                   bool bits) {
+  check_weight_dropout(w, seed, k, drop_threshold, origin, row_stride, limit, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(w.device());
+  at::Tensor out = at::empty_like(w);
+  // a given limit is copied (an op's output may not alias its input), then used as is
+  at::Tensor lim = limit.has_value() ? limit->clone() : at::empty({w.size(0)}, w.options().dtype(at::kInt));
+  at::Tensor bt = new_bits(w, bits);
+  if (w.numel() == 0) {
+    if (!limit.has_value()) lim.fill_(-1);  // F = 0: k = 0
+    return {out, lim, bt};
+  }
+  TD_CUDA_RUN(td_cuda::weight_dropout(dtype_of(w), w.data_ptr(), out.data_ptr(), lim.data_ptr<int32_t>(),
+                                      limit.has_value(), bits ? words(bt) : nullptr, w.size(0), w.size(1), k,
+                                      (uint64_t)seed, (uint64_t)drop_threshold, window_of(origin, row_stride),
+                                      c10::cuda::getCurrentCUDAStream()));
+  return {out, lim, bt};
+}
+
+at::Tensor weight_dropout_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& w,
+                                        const std::optional<at::Tensor>& limit, int64_t seed, int64_t drop_threshold,
+                                        int64_t origin, int64_t row_stride, const std::optional<at::Tensor>& bits) {
+  check_weight_dropout_backward(grad, w, limit, bits, seed, drop_threshold, origin, row_stride, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor out = at::empty_like(grad);
   if (grad.numel() == 0) return out;
-  TD_CUDA_RUN(td_cuda::weight_dropout_backward(dtype_of(w), grad.data_ptr(), w.data_ptr(),
-                                               limit.data_ptr<int32_t>(), out.data_ptr(), w.size(0), w.size(1),
-                                               (uint64_t)seed, (uint64_t)drop_threshold,
-                                               c10::cuda::getCurrentCUDAStream()));
+  const bool use_bits = bits.has_value();
+  TD_CUDA_RUN(td_cuda::weight_dropout_backward(
+      dtype_of(grad), grad.data_ptr(), use_bits ? nullptr : w->data_ptr(),
+      use_bits ? nullptr : limit->data_ptr<int32_t>(), words_or_null(bits), out.data_ptr(), grad.size(0),
+      grad.size(1), (uint64_t)seed, (uint64_t)drop_threshold, window_of(origin, row_stride),
+      c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> nm_dropout_cuda(const at::Tensor& w, int64_t seed, int64_t n, int64_t m,
+                                                   int64_t drop_threshold, int64_t origin, int64_t row_stride,
+                                                   bool bits) {
+  check_nm_dropout(w, seed, n, m, drop_threshold, origin, row_stride, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(w.device());
+  at::Tensor out = at::empty_like(w);
+  at::Tensor bt = new_bits(w, bits);
+  if (w.numel() == 0) return {out, bt};
+  TD_CUDA_RUN(td_cuda::nm_dropout(dtype_of(w), w.data_ptr(), out.data_ptr(), bits ? words(bt) : nullptr, w.size(0),
+                                  w.size(1), (int)n, (int)m, (uint64_t)seed, (uint64_t)drop_threshold,
+                                  window_of(origin, row_stride), c10::cuda::getCurrentCUDAStream()));
+  return {out, bt};
+}
+
+at::Tensor nm_dropout_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& w, int64_t seed,
+                                    int64_t n, int64_t m, int64_t drop_threshold, int64_t origin, int64_t row_stride,
+                                    const std::optional<at::Tensor>& bits) {
+  check_nm_dropout_backward(grad, w, bits, seed, n, m, drop_threshold, origin, row_stride, c10::kCUDA);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor out = at::empty_like(grad);
+  if (grad.numel() == 0) return out;
+  TD_CUDA_RUN(td_cuda::nm_dropout_backward(dtype_of(grad), grad.data_ptr(), bits.has_value() ? nullptr : w->data_ptr(),
+                                           words_or_null(bits), out.data_ptr(), grad.size(0), grad.size(1), (int)n,
+                                           (int)m, (uint64_t)seed, (uint64_t)drop_threshold,
+                                           window_of(origin, row_stride), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -95,6 +142,8 @@ at::Tensor unit_dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& 
 TORCH_LIBRARY_IMPL(td_kernels_native, CUDA, m) {
   m.impl("weight_dropout", &weight_dropout_cuda);
   m.impl("weight_dropout_backward", &weight_dropout_backward_cuda);
+  m.impl("nm_dropout", &nm_dropout_cuda);
+  m.impl("nm_dropout_backward", &nm_dropout_backward_cuda);
   m.impl("unit_dropout", &unit_dropout_cuda);
   m.impl("unit_dropout_backward", &unit_dropout_backward_cuda);
 }

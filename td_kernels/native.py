@@ -1,15 +1,15 @@
 """Backend "native": the C++ (CPU) and CUDA kernels of csrc/, compiled into ``td_kernels._C``.
 
 Importing this module loads the extension, whose library registers the ops
-``torch.ops.td_kernels_native.{weight_dropout, weight_dropout_backward, unit_dropout,
-unit_dropout_backward}`` (CPU always, CUDA when built with nvcc), then registers the backend.
+``torch.ops.td_kernels_native.{weight_dropout, nm_dropout, unit_dropout}`` and their
+``*_backward`` (CPU always, CUDA when built with nvcc), then registers the backend.
 If the extension was not built (or was built against another torch), the import raises and
 ``td_kernels/__init__.py`` records the reason: ``backend="native"`` then says how to build it.
 
-The launchers follow the registry's convention exactly (``td_kernels/_registry.py``):
-``weight_dropout -> (out2d, limit int32[U])`` with candidates ``key <= limit``, and
-``unit_dropout -> (out2d, keep bool[U])``. Seeds, k and D pass as Python ints (int64 in the
-op schemas; D reaches 2**32).
+The launchers follow the registry's convention exactly (``td_kernels/_registry.py``): windows,
+given limits, bit-packed masks and N:M targeting. Seeds, k, n, m and D pass as Python ints
+(int64 in the op schemas; D reaches 2**32); a window passes as (origin, row_stride), checked by
+``reference.check_window`` here (the same errors as every backend) and again in C++.
 """
 from __future__ import annotations
 
@@ -18,40 +18,51 @@ import importlib.util
 import torch
 
 from ._registry import Backend, device_present, register
+from .reference import bits_words, check_nm, check_window
 
 if importlib.util.find_spec(__package__ + "._C") is None:  # say "not built", not "circular import"
     raise ImportError("td_kernels._C is not built")
 from . import _C  # noqa: E402  (loading it registers the td_kernels_native ops)
 
-__all__ = ["weight_dropout", "weight_dropout_backward", "unit_dropout", "unit_dropout_backward",
-           "WITH_CUDA"]
+__all__ = ["weight_dropout", "weight_dropout_backward", "nm_dropout", "nm_dropout_backward", "unit_dropout",
+           "unit_dropout_backward", "WITH_CUDA", "BUILD_INFO"]
 
 WITH_CUDA = bool(_C.WITH_CUDA)
+BUILD_INFO: str = _C.BUILD_INFO  # e.g. "cpu: x86-64 (gcc 12.2), AVX2 ...; cuda: not built"
 _ops = torch.ops.td_kernels_native
 
 
-def _not_yet(what):
-    raise NotImplementedError(f"backend 'native' does not implement {what} yet")
+def _window_args(window, U: int, F: int) -> tuple[int, int]:
+    """(origin, row_stride) of a checked window (reference.check_window's errors)."""
+    return tuple(check_window(window, U, F))
+
+
+def _bits_or_none(bits):
+    return bits if bits.dim() == 2 else None  # the ops return an empty 1-D tensor for "no bits"
 
 
 def weight_dropout(w2d, seed: int, k: int, drop_threshold: int, *, window=None, limit=None, bits=False):
-    if window is not None or limit is not None or bits:
-        _not_yet("windows, given limits or bit masks")
-    out, lim = _ops.weight_dropout(w2d, seed, k, drop_threshold)
-    return out, lim, None
+    U, F = w2d.shape
+    out, lim, b = _ops.weight_dropout(w2d, seed, k, drop_threshold, *_window_args(window, U, F), limit, bool(bits))
+    return out, lim, _bits_or_none(b)
 
 
 def weight_dropout_backward(grad2d, w2d, limit, seed: int, drop_threshold: int, *, window=None, bits=None):
-    if window is not None or bits is not None:
-        _not_yet("windows or bit masks")
-    return _ops.weight_dropout_backward(grad2d, w2d, limit, seed, drop_threshold)
+    U, F = grad2d.shape
+    return _ops.weight_dropout_backward(grad2d, w2d, limit, seed, drop_threshold, *_window_args(window, U, F), bits)
 
 
-def nm_dropout(*args, **kwargs):
-    _not_yet("N:M targeting")
+def nm_dropout(w2d, seed: int, n: int, m: int, drop_threshold: int, *, window=None, bits=False):
+    U, F = w2d.shape
+    check_nm(n, m, F)
+    out, b = _ops.nm_dropout(w2d, seed, n, m, drop_threshold, *_window_args(window, U, F), bool(bits))
+    return out, _bits_or_none(b)
 
 
-nm_dropout_backward = nm_dropout
+def nm_dropout_backward(grad2d, w2d, seed: int, n: int, m: int, drop_threshold: int, *, window=None, bits=None):
+    U, F = grad2d.shape
+    check_nm(n, m, F)
+    return _ops.nm_dropout_backward(grad2d, w2d, seed, n, m, drop_threshold, *_window_args(window, U, F), bits)
 
 
 def unit_dropout(w2d, seed: int, k: int, drop_threshold: int):
@@ -64,13 +75,27 @@ def unit_dropout_backward(grad2d, keep):
 
 # Fake (meta) kernels, as in pytorch/extension-cpp: shapes only, so the ops trace under
 # torch.compile and run on meta tensors. Autograd lives in the public ops (td_kernels/ops.py).
+def _fake_bits(w, bits: bool):
+    return w.new_empty((w.shape[0], bits_words(w.shape[1])) if bits else (0,), dtype=torch.int32)
+
+
 @torch.library.register_fake("td_kernels_native::weight_dropout")
-def _(w, seed, k, drop_threshold):
-    return torch.empty_like(w), w.new_empty((w.shape[0],), dtype=torch.int32)
+def _(w, seed, k, drop_threshold, origin, row_stride, limit, bits):
+    return torch.empty_like(w), w.new_empty((w.shape[0],), dtype=torch.int32), _fake_bits(w, bits)
 
 
 @torch.library.register_fake("td_kernels_native::weight_dropout_backward")
-def _(grad, w, limit, seed, drop_threshold):
+def _(grad, w, limit, seed, drop_threshold, origin, row_stride, bits):
+    return torch.empty_like(grad)
+
+
+@torch.library.register_fake("td_kernels_native::nm_dropout")
+def _(w, seed, n, m, drop_threshold, origin, row_stride, bits):
+    return torch.empty_like(w), _fake_bits(w, bits)
+
+
+@torch.library.register_fake("td_kernels_native::nm_dropout_backward")
+def _(grad, w, seed, n, m, drop_threshold, origin, row_stride, bits):
     return torch.empty_like(grad)
 
 

@@ -17,6 +17,7 @@ native = pytest.importorskip(
     "td_kernels.native",
     reason="native extension td_kernels._C not built (pip install --no-build-isolation -e .)")
 
+import oracle  # noqa: E402
 import td_kernels as td  # noqa: E402
 from td_kernels import reference as R  # noqa: E402
 
@@ -35,17 +36,53 @@ def assert_bits(a: torch.Tensor, b: torch.Tensor):
                              f"{a.cpu()[tuple(bad[0])]} vs {b.cpu()[tuple(bad[0])]}"
 
 
-def check_weight(w, seed, targ, drop, device="cpu"):
+def assert_words(bits: torch.Tensor, ref: torch.Tensor):
+    """A bit-packed keep mask equal to reference.pack_bits's words (padding bits included)."""
+    assert bits is not None and bits.dtype == torch.int32 and bits.shape == ref.shape, (bits, ref.shape)
+    assert torch.equal(bits.cpu(), ref), f"{int((bits.cpu() != ref).sum())} mask words differ"
+
+
+def grad_like(w, seed):
+    return torch.randn(w.shape, generator=torch.Generator().manual_seed(seed % 1000)).to(w.dtype)
+
+
+def check_weight(w, seed, targ, drop, device="cpu", window=None):
+    """Forward (with and without bits, and with the limits given back), both backwards: all
+    bit for bit against the reference."""
     U, F = w.shape
     k, D = R.count(targ, F), R.drop_threshold(drop)
-    ref_out, ref_limit = R.weight_dropout(w, seed, k, D)
-    out, limit = native.weight_dropout(w.to(device), seed, k, D)
+    ref_out, ref_limit, ref_bits = R.weight_dropout(w, seed, k, D, window=window, bits=True)
+    wd = w.to(device)
+    out, limit, bits = native.weight_dropout(wd, seed, k, D, window=window, bits=True)
     assert limit.dtype == torch.int32 and limit.shape == (U,)
     assert torch.equal(limit.cpu(), ref_limit), (limit, ref_limit)
     assert_bits(out.cpu(), ref_out)
-    g = torch.randn(U, F, generator=torch.Generator().manual_seed(seed % 1000)).to(w.dtype)
-    ref_g = R.weight_dropout_backward(g, w, ref_limit, seed, D)
-    assert_bits(native.weight_dropout_backward(g.to(device), w.to(device), limit, seed, D).cpu(), ref_g)
+    assert_words(bits, ref_bits)
+    out2, limit2, none = native.weight_dropout(wd, seed, k, D, window=window, limit=limit)  # no selection
+    assert none is None and limit2.data_ptr() != limit.data_ptr() and torch.equal(limit2, limit)
+    assert_bits(out2.cpu(), ref_out)
+    g = grad_like(w, seed)
+    ref_g = R.weight_dropout_backward(g, w, ref_limit, seed, D, window=window)
+    gd = g.to(device)
+    assert_bits(native.weight_dropout_backward(gd, wd, limit, seed, D, window=window).cpu(), ref_g)
+    assert_bits(native.weight_dropout_backward(gd, None, None, seed, D, window=window, bits=bits).cpu(), ref_g)
+
+
+def check_nm(w, seed, n, m, drop, device="cpu", window=None):
+    D = R.drop_threshold(drop)
+    ref_out, ref_bits = R.nm_dropout(w, seed, n, m, D, window=window, bits=True)
+    wd = w.to(device)
+    out, bits = native.nm_dropout(wd, seed, n, m, D, window=window, bits=True)
+    assert_bits(out.cpu(), ref_out)
+    assert_words(bits, ref_bits)
+    out2, none = native.nm_dropout(wd, seed, n, m, D, window=window)
+    assert none is None
+    assert_bits(out2.cpu(), ref_out)
+    g = grad_like(w, seed)
+    ref_g = R.nm_dropout_backward(g, w, seed, n, m, D, window=window)
+    gd = g.to(device)
+    assert_bits(native.nm_dropout_backward(gd, wd, seed, n, m, D, window=window).cpu(), ref_g)
+    assert_bits(native.nm_dropout_backward(gd, None, seed, n, m, D, window=window, bits=bits).cpu(), ref_g)
 
 
 def check_unit(w, seed, targ, drop, device="cpu"):
@@ -79,14 +116,23 @@ def test_spec_worked_example(device):
     W = torch.tensor([[0.5, -1.25, 2.0, -0.125, 3.5, 0.75, -0.25, 1.5],
                       [-2.5, 0.375, -0.0625, 1.0, -3.0, 0.875, 2.25, -0.625],
                       [1.75, -0.5, 0.25, -1.5, 0.0, 2.75, -0.875, 0.125]])
-    out, _ = native.weight_dropout(W.to(device), 7, R.count(0.5, 8), R.drop_threshold(0.5))
+    out, _, bits = native.weight_dropout(W.to(device), 7, R.count(0.5, 8), R.drop_threshold(0.5), bits=True)
     want = W.clone()
     want[0, [3, 6]] = 0
     want[1, [1, 5, 7]] = 0
     assert_bits(out.cpu(), want)
+    assert bits.cpu().tolist() == [[0b10110111], [0b01011101], [0b11101111]]  # row 2: its 0.0 drops
     out, keep = native.unit_dropout(W.to(device), 11, R.count(0.67, 3), R.drop_threshold(0.5))
     assert keep.cpu().tolist() == [True, True, False]
     assert_bits(out.cpu(), torch.cat([W[:2], torch.zeros(1, 8)]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_spec_nm_example(device):
+    w = torch.tensor([[0.5, 0.1, -0.5, 2.0, 0.0, 3.0, -3.0, 1.0]])
+    out, bits = native.nm_dropout(w.to(device), 0, 2, 4, R.drop_threshold(1.0), bits=True)
+    assert_bits(out.cpu(), torch.tensor([[0, 0, -0.5, 2.0, 0, 3.0, -3.0, 0]]))
+    assert bits.cpu().tolist() == [[0b01101100]]
 
 
 SHAPES = [(1, 1), (1, 7), (5, 1), (3, 5), (7, 300), (33, 257), (4, 4099), (64, 1024)]
@@ -148,12 +194,94 @@ def test_fused_apply_tile_edges(F, dtype, device):
     w = torch.randn(5, F, generator=torch.Generator().manual_seed(F)).to(dtype)
     for targ, drop in [(0.5, 0.3), (0.8, 0.9), (1.0, 1.0), (0.5, 1.0)]:
         check_weight(w, 0x9E3779B97F4A7C15 >> 1, targ, drop, device)
+    check_weight(w, 0x9E3779B97F4A7C15 >> 1, 0.5, 0.3, device, window=R.Window(1, F + 2))  # rows at every offset
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_long_row(device):
+    """One row of 10**6: the selection's levels on a long row, the row cut into pieces (each
+    owning whole mask words), a window at an odd origin."""
     w = torch.randn(1, 10**6, generator=torch.Generator().manual_seed(1))
-    check_weight(w, 123456789, 0.3, 0.5, device)
+    check_weight(w, 123456789, 0.3, 0.5, device, window=R.Window(5, 10**6 + 11))
+
+
+# ---- windows (SPEC section 12), given limits, N:M (section 11) -------------------------------
+# (first global row r0, first global column c0, row_stride - F): aligned and unaligned row
+# starts, gaps between rows, and positions past 2**34 (the Philox counter's high word)
+WINDOWS = [(0, 0, 0), (0, 1, 1), (2, 3, 5), (1, 6, 7), (2**28, 2, 3), (2**26 + 1, 63, 64)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r0,c0,extra", WINDOWS, ids=str)
+def test_window_matches_reference(r0, c0, extra, dtype, device):
+    for U, F in ((3, 37), (2, 200), (4, 64)):
+        w = torch.randn(U, F, generator=torch.Generator().manual_seed(F + r0 % 97 + c0)).to(dtype)
+        window = R.Window(r0 * (F + extra) + c0, F + extra)
+        for targ, drop in ((0.5, 0.5), (0.3, 1.0), (1.0, 0.7)):
+            check_weight(w, 31 + F, targ, drop, device, window=window)
+        if F % 4 == 0:
+            check_nm(w, 77, 2, 4, 0.6, device, window=window)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_window_block_of_a_global_weight(dtype, device):
+    """A block (rows 1.., columns 3..F-2) with the global limits and its window gives the same
+    values and mask bits as the same slice of the whole weight (SPEC section 12)."""
+    Ug, Fg = 5, 301
+    wg = torch.randn(Ug, Fg, generator=torch.Generator().manual_seed(8)).to(dtype)
+    seed, k, D = 2**40 + 17, R.count(0.4, Fg), R.drop_threshold(0.6)
+    out_g, lim_g, bits_g = native.weight_dropout(wg.to(device), seed, k, D, bits=True)
+    r0, c0, c1 = 1, 3, Fg - 2
+    blk = wg[r0:, c0:c1].contiguous().to(device)
+    out_b, lim_b, bits_b = native.weight_dropout(blk, seed, 0, D, window=R.Window(r0 * Fg + c0, Fg),
+                                                 limit=lim_g[r0:].contiguous(), bits=True)
+    assert_bits(out_b.cpu(), out_g.cpu()[r0:, c0:c1].contiguous())
+    assert torch.equal(lim_b, lim_g[r0:])
+    assert torch.equal(R.unpack_bits(bits_b.cpu(), c1 - c0), R.unpack_bits(bits_g.cpu(), Fg)[r0:, c0:c1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_given_limits(dtype, device):
+    """Any int32 limits (none, all, in between, NaN-range keys): used as given, no selection."""
+    U, F = 6, 150
+    w = oracle.make_weight((U, F), dtype, "special", 3)
+    keys = R.rank_keys(w)
+    lim = torch.tensor([-1, 0x7FFFFFFF, int(keys[2, 7]), int(keys[3, 0]) - 1, 0x7F800000, 0x7FC00000],
+                       dtype=torch.int32)
+    for drop in (0.5, 1.0, 0.0):
+        D = R.drop_threshold(drop)
+        for window in (None, R.Window(13 * (F + 2) + 1, F + 2)):
+            ref_out, ref_lim, ref_bits = R.weight_dropout(w, 5, 0, D, window=window, limit=lim, bits=True)
+            out, got_lim, bits = native.weight_dropout(w.to(device), 5, 0, D, window=window,
+                                                       limit=lim.to(device), bits=True)
+            assert torch.equal(got_lim.cpu(), lim)
+            assert_bits(out.cpu(), ref_out)
+            assert_words(bits, ref_bits)
+
+
+NM = [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 3), (5, 16), (1, 5), (15, 16), (3, 7), (6, 9)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,m", NM, ids=str)
+def test_nm_matches_reference(n, m, dtype, device):
+    for U, groups, style in ((3, 1, "normal"), (2, 37, "ties"), (5, 13, "special"), (1, 300, "normal")):
+        w = oracle.make_weight((U, groups * m), dtype, style, n * 100 + m)
+        for drop in (0.5, 1.0):
+            check_nm(w, 2026 + m, n, m, drop, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nm_long_rows_and_pieces(device):
+    """Rows longer than one parallel piece (32 * m-column aligned pieces), m not a power of 2."""
+    for n, m in ((2, 3), (5, 16)):
+        F = 70000 // (32 * m) * (32 * m) + 5 * m  # > 32768: two or more pieces, the last one partial
+        w = torch.randn(2, F, generator=torch.Generator().manual_seed(m))
+        check_nm(w, 99, n, m, 0.5, device, window=R.Window(7, F + 8))
 
 
 # ---- unit norms: squares summed in float64, rounded once to float32 (reference.unit_norms) ----
@@ -233,53 +361,80 @@ def test_subnormal_and_huge_float64(device):
 
 
 def test_thread_count_does_not_change_bits():
-    w = torch.randn(5, 70000)  # few long rows: the two-phase path
-    w2 = torch.randn(300, 700)  # many rows: the fused path
+    """1 and 2 threads: the same values and mask words from every entry point, on few long rows
+    (selection per row, then pieces across threads) and many short ones (select and apply per
+    row), with and without windows."""
+    w = torch.randn(5, 70000)
+    w2 = torch.randn(300, 700)
+    win = R.Window(2 * 70005 + 3, 70005)
     old = torch.get_num_threads()
     try:
         res = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            res.append([native.weight_dropout(x, 9, x.shape[1] // 3, 2**31)[0] for x in (w, w2)])
+            r = []
+            for x, window in ((w, None), (w2, None), (w, win)):
+                out, lim, bits = native.weight_dropout(x, 9, x.shape[1] // 3, 2**31, window=window, bits=True)
+                r += [out, lim, bits, native.weight_dropout_backward(x, x, lim, 9, 2**31, window=window),
+                      native.weight_dropout_backward(x, None, None, 9, 2**31, window=window, bits=bits)]
+                r += list(native.nm_dropout(x, 9, 3, 4, 2**31, window=window, bits=True))
+            res.append(r)
         for a, b in zip(*res):
-            assert_bits(a, b)
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     finally:
         torch.set_num_threads(old)
 
 
-def test_public_api_and_autograd():
-    w = torch.randn(12, 3, 3, 3, requires_grad=True)
-    for fn in (td.targeted_weight_dropout, td.targeted_unit_dropout):
+@pytest.mark.parametrize("mask", ["bits", "recompute"])
+def test_public_api_and_autograd(mask):
+    w = torch.randn(12, 3, 3, 4, requires_grad=True)
+    fns = [lambda x, b: td.targeted_weight_dropout(x, 0.5, 0.4, seed=42, backend=b, mask=mask),
+           lambda x, b: td.targeted_nm_dropout(x, 0.5, n=1, m=3, seed=42, backend=b, mask=mask),
+           lambda x, b: td.targeted_unit_dropout(x, 0.5, 0.4, seed=42, backend=b)]
+    for fn in fns:
         outs, grads = [], []
         for backend in ("native", "reference"):
-            y = fn(w, 0.5, 0.4, seed=42, backend=backend)
+            y = fn(w, backend)
             (g,) = torch.autograd.grad((y * torch.arange(y.numel()).view_as(y)).sum(), w)
             outs.append(y.detach())
             grads.append(g)
         assert_bits(*outs)
         assert_bits(*grads)
-    assert_bits(td.prune_weights(w.detach(), 0.5, backend="native"), td.prune_weights(w.detach(), 0.5, backend="reference"))
+    for prune in (lambda x, b: td.prune_weights(x, 0.5, backend=b), lambda x, b: td.prune_nm(x, n=2, m=4, backend=b)):
+        assert_bits(prune(w.detach(), "native"), prune(w.detach(), "reference"))
 
 
 def test_fake_kernels_and_schemas():
-    w = torch.randn(6, 10)
+    w = torch.randn(6, 12)
     D = R.drop_threshold(0.5)
-    _, limit = native.weight_dropout(w, 1, 3, D)
+    _, limit, bits = native.weight_dropout(w, 1, 3, D, bits=True)
     _, keep = native.unit_dropout(w, 1, 3, D)
     ops = torch.ops.td_kernels_native
-    for op, args in [(ops.weight_dropout, (w, 1, 3, D)), (ops.weight_dropout_backward, (w, w, limit, 1, D)),
+    for op, args in [(ops.weight_dropout, (w, 1, 3, D, 0, 12, None, False)),
+                     (ops.weight_dropout, (w, 1, 3, D, 5, 20, limit, True)),
+                     (ops.weight_dropout_backward, (w, w, limit, 1, D, 0, 12, None)),
+                     (ops.weight_dropout_backward, (w, None, None, 1, D, 16, 15, bits)),
+                     (ops.nm_dropout, (w, 1, 2, 4, D, 0, 12, True)),
+                     (ops.nm_dropout_backward, (w, w, 1, 1, 3, D, 0, 12, None)),
+                     (ops.nm_dropout_backward, (w, None, 1, 1, 3, D, 0, 12, bits)),
                      (ops.unit_dropout, (w, 1, 3, D)), (ops.unit_dropout_backward, (w, keep))]:
         torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_build_info():
+    assert isinstance(native.BUILD_INFO, str) and native.BUILD_INFO.startswith("cpu: ")
+    assert ("cuda: not built" in native.BUILD_INFO) == (not native.WITH_CUDA)
 
 
 # ---- bad input -> ValueError / TypeError naming the argument --------------------------------
 def test_errors_name_the_argument():
     w = torch.randn(4, 6)
     D = 2**31
+    ops = torch.ops.td_kernels_native
     with pytest.raises(ValueError, match="w must be contiguous"):
         native.weight_dropout(w.t(), 1, 2, D)
     with pytest.raises(ValueError, match="w must have 2 dimensions"):
-        native.weight_dropout(w.view(-1), 1, 2, D)
+        ops.weight_dropout(w.view(-1), 1, 2, D, 0, 24, None, False)
     with pytest.raises(TypeError, match="w must be float16"):
         native.weight_dropout(w.to(torch.int32), 1, 2, D)
     with pytest.raises(ValueError, match="k must be in"):
@@ -290,15 +445,41 @@ def test_errors_name_the_argument():
         native.weight_dropout(w, 1, 2, 2**32 + 1)
     with pytest.raises(ValueError, match="seed"):
         native.weight_dropout(w, -1, 2, D)
-    _, limit = native.weight_dropout(w, 1, 2, D)
+    _, limit, bits = native.weight_dropout(w, 1, 2, D, bits=True)
     with pytest.raises(TypeError, match="limit must be Int"):
         native.weight_dropout_backward(w, w, limit.long(), 1, D)
     with pytest.raises(ValueError, match="limit must have shape"):
         native.weight_dropout_backward(w, w, limit[:2], 1, D)
+    with pytest.raises(ValueError, match="limit must have shape"):
+        native.weight_dropout(w, 1, 2, D, limit=limit[:3])
+    with pytest.raises(TypeError, match="limit must be Int"):
+        native.weight_dropout(w, 1, 2, D, limit=limit.float())
     with pytest.raises(ValueError, match="grad must have w's shape"):
         native.weight_dropout_backward(w[:2], w, limit, 1, D)
     with pytest.raises(TypeError, match="grad must be"):
         native.weight_dropout_backward(w.double(), w, limit, 1, D)
+    with pytest.raises(ValueError, match="w must be given when bits is None"):
+        native.weight_dropout_backward(w, None, limit, 1, D)
+    with pytest.raises(ValueError, match="limit must be given when bits is None"):
+        native.weight_dropout_backward(w, w, None, 1, D)
+    with pytest.raises(ValueError, match="bits must have shape"):
+        native.weight_dropout_backward(w, None, None, 1, D, bits=torch.zeros(4, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="bits must be Int"):
+        native.nm_dropout_backward(w, None, 1, 1, 2, D, bits=bits.long())
+    with pytest.raises(ValueError, match="window"):  # the Python launcher: reference.check_window
+        native.weight_dropout(w, 1, 2, D, window=R.Window(3, 7))
+    with pytest.raises(ValueError, match="window"):  # the op itself
+        ops.weight_dropout(w, 1, 2, D, 3, 7, None, False)
+    with pytest.raises(ValueError, match="window origin"):
+        ops.nm_dropout(w, 1, 1, 2, D, -1, 6, False)
+    with pytest.raises(ValueError, match="2\\*\\*62"):
+        ops.weight_dropout_backward(w, w, limit, 1, D, 2**62, 2**62, None)
+    with pytest.raises(ValueError, match="must divide the fan-in"):
+        native.nm_dropout(w, 1, 2, 4, D)
+    with pytest.raises(ValueError, match="must divide the fan-in"):
+        ops.nm_dropout(w, 1, 2, 4, D, 0, 6, False)
+    with pytest.raises(ValueError, match="1 <= n < m <= 16"):
+        ops.nm_dropout_backward(w, w, 1, 3, 3, D, 0, 6, None)
     with pytest.raises(TypeError, match="keep must be Bool"):
         native.unit_dropout_backward(w, torch.ones(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="keep must have shape"):
@@ -319,14 +500,31 @@ def weights(draw):
     return w.to(dtype), seed
 
 
+@st.composite
+def windows(draw, F):
+    if draw(st.booleans()):
+        return None
+    stride = F + draw(st.integers(0, 40))
+    return R.Window(draw(st.integers(0, 2**36)) * stride + draw(st.integers(0, stride - F)), stride)
+
+
 rates = st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 1))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(weights(), rates, rates)
-def test_weight_random(ws, targ, drop):
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(weights(), rates, rates, st.data())
+def test_weight_random(ws, targ, drop, data):
     w, seed = ws
-    check_weight(w, seed, targ, drop)
+    check_weight(w, seed, targ, drop, window=data.draw(windows(w.shape[1])))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 8), st.integers(1, 60), st.sampled_from(NM), st.sampled_from(DTYPES),
+       st.sampled_from(oracle.STYLES), st.integers(0, 2**63 - 1), rates, st.data())
+def test_nm_random(U, groups, nm, dtype, style, seed, drop, data):
+    n, m = nm
+    w = oracle.make_weight((U, groups * m), dtype, style, seed % 2**32)
+    check_nm(w, seed, n, m, drop, window=data.draw(windows(groups * m)))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -338,3 +536,24 @@ def test_unit_random(U, F, dtype, seed, targ, drop):
     assume(bool(((srt[1:] - srt[:-1]) > 1e-5 * srt[1:]).all()) if U > 1 else True)
     assert not math.isnan(float(norms.sum()))
     check_unit(w, seed, targ, drop)
+
+
+def test_avx2_path_without_avx512():
+    """TD_KERNELS_AVX512=0 makes a CPU with AVX-512 run the AVX2 loops (selection, Philox
+    tiles): the same bits as the reference there too (the host test covers every path's
+    kernels; this covers the switch and the glue)."""
+    import subprocess
+    import sys
+    code = ("import torch; from td_kernels import native, reference as R\n"
+            "w = torch.randn(9, 1000, generator=torch.Generator().manual_seed(3))\n"
+            "for win in (None, R.Window(3, 1003)):\n"
+            "    a = native.weight_dropout(w, 5, 400, 2**31, window=win, bits=True)\n"
+            "    b = R.weight_dropout(w, 5, 400, 2**31, window=win, bits=True)\n"
+            "    assert torch.equal(a[0].view(torch.int32), b[0].view(torch.int32)) and torch.equal(a[2], b[2])\n"
+            "    assert torch.equal(native.nm_dropout(w, 5, 2, 4, 2**31, window=win, bits=True)[1],\n"
+            "                       R.nm_dropout(w, 5, 2, 4, 2**31, window=win, bits=True)[1])\n"
+            "print(native.BUILD_INFO)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "TD_KERNELS_AVX512": "0"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "AVX-512)" not in res.stdout, res.stdout

@@ -1,9 +1,12 @@
 """Host-side checks of the native sources that need no built extension:
 
-* csrc/tests/test_core.cpp (Philox known answers, the seed-2026 stream, the batched CPU
-  Philox paths, rank keys incl. NaN/inf/-0, the radix select) compiled with g++ and run;
-* csrc/td_cuda.cu compiled with nvcc for sm_80 and sm_90 with ``-Xptxas -v``: no errors and
-  no register spills (skipped without nvcc).
+* csrc/tests/test_core.cpp compiled with g++ and run: Philox known answers, the seed-2026
+  stream, the batched and AVX2/AVX-512 Philox paths, rank keys incl. NaN/inf/-0, both
+  selections (radix; sample-bracketed on every vector path), window positions and drop bits
+  at unaligned starts, mask-word helpers, N:M ranks for every (n, m), and the CPU row kernels
+  (apply with keys or N:M candidates, bits written and read back) against a scalar model;
+* csrc/td_cuda.cu compiled with nvcc for sm_80 and sm_90 with ``-Xptxas -v``: no errors, no
+  register spills, and every kernel variant present (skipped without nvcc).
 """
 from __future__ import annotations
 
@@ -51,12 +54,19 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     archs = set(re.findall(r"Compiling entry function '\w+' for '(sm_\d+)'", log))
     assert archs == {"sm_80", "sm_90"}, log
     assert all(int(s) == 0 and int(l) == 0 for s, l in spills), "register spills:\n" + log
+    # the apply kernel for every dtype family x decision source (keys, N:M, bits, unit rows)
+    for arch in ("sm_80", "sm_90"):
+        applies = set(re.findall(r"_applyIN2td\d+(Fam\w+?)ELNS0_3SrcE(\d)EEEvNS0_9ApplyArgsEb' for '" + arch, log))
+        assert applies == {(f, str(m)) for f in ("FamF32", "FamF64", "FamF16", "FamBF16") for m in range(4)}, applies
+        for kernel in ("_weight_select", "_unit_norms", "_unit_select"):
+            assert re.search(kernel + r"\w*' for '" + arch, log), f"{kernel} not compiled for {arch}"
 
 
 @pytest.mark.skipif(_nvcc() is None or shutil.which("g++") is None, reason="nvcc or g++ not found")
 def test_cuda_binding_compiles(tmp_path):
-    """The tensor-side binding (torch + c10/cuda headers) parses; with a CPU-only torch the one
-    generated header it lacks, cuda_cmake_macros.h, is stubbed."""
+    """The tensor-side binding (torch + c10/cuda headers) and td_ops.cpp as a CUDA build compiles
+    it parse; with a CPU-only torch the one generated header it lacks, cuda_cmake_macros.h, is
+    stubbed."""
     torch = pytest.importorskip("torch")
     from torch.utils import cpp_extension as ce
     import sysconfig
@@ -75,6 +85,11 @@ def test_cuda_binding_compiles(tmp_path):
            f"-I{sysconfig.get_paths()['include']}"]
     cmd += [f"-I{p}" for p in ce.include_paths()]
     res = subprocess.run(cmd + [os.path.join(CSRC, "td_cuda_binding.cpp")], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    # _C.BUILD_INFO's CUDA part, with the macros setup.py passes to a CUDA build
+    macros = ["-DTD_CUDA_SMS=80,90", "-DTD_CUDA_PTX=90", "-DTD_NVCC_MAJOR=13", "-DTD_NVCC_MINOR=0"]
+    res = subprocess.run(cmd + macros + [os.path.join(CSRC, "td_ops.cpp")], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
 

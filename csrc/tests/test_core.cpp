@@ -1,13 +1,23 @@
-// Host unit test of td_core.h / td_select.h (no torch): built and run by
-// tests/test_native_core.py with `g++ -std=c++17 -O2`. Prints one line per failure, exits 1.
+// Host unit test of td_core.h, td_select.h, td_cpu_philox.h and td_cpu_kernels.h (no torch):
+// built and run by tests/test_native_core.py with `g++ -std=c++17 -O2`. The row kernels are
+// checked against a scalar model written from td_core.h's primitives (themselves checked
+// against the SPEC's known answers), on every vector path this CPU has (portable, AVX2,
+// AVX-512). Prints one line per failure, exits 1.
+// GCC 12's AVX-512 intrinsics (_mm512_undefined_*) trip -W(maybe-)uninitialized (GCC PR105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "../td_core.h"
+#include "../td_cpu_kernels.h"
 #include "../td_cpu_philox.h"
 #include "../td_select.h"
 
@@ -169,6 +179,251 @@ static void test_select() {
   }
 }
 
+// the vector paths this CPU can run, portable first
+static std::vector<td::Simd> simd_levels() {
+  std::vector<td::Simd> v{td::Simd::kNone};
+#if TD_HAVE_AVX2_PATH
+  if (td::cpu_has_avx2()) v.push_back(td::Simd::kAvx2);
+  if (td::cpu_has_avx512()) v.push_back(td::Simd::kAvx512);
+#endif
+  return v;
+}
+static const char* simd_name(td::Simd s) {
+  return s == td::Simd::kNone ? "portable" : s == td::Simd::kAvx2 ? "avx2" : "avx512";
+}
+
+// windows: below_bits over any start (block-aligned or not, across the counter's 2**32 carry)
+static void test_below_bits() {
+  std::mt19937_64 g(11);
+  const uint64_t starts[] = {0, 1, 2, 3, 4, 5, 4ull * 0xFFFFFFFFull - 3, 4ull * 0xFFFFFFFFull + 2, (1ull << 61) + 7};
+  const uint64_t Ds[] = {0, 1, 1ull << 31, 0xFFFFFFFFull, 1ull << 32, 0x9E3779B9ull};
+  for (uint64_t p0 : starts)
+    for (int n = 1; n <= 28; ++n)
+      for (uint64_t D : Ds) {
+        const uint64_t seed = g() >> 1;
+        uint32_t want = 0;
+        for (int i = 0; i < n; ++i) want |= (uint32_t)td::drops(td::philox_word(seed, p0 + (uint64_t)i), D) << i;
+        const uint32_t got = td::below_bits(seed, p0, n, D);
+        EXPECT(got == want, "below_bits p0=%llx n=%d D=%llx: %08x vs %08x", (unsigned long long)p0, n,
+               (unsigned long long)D, got, want);
+      }
+  const td::Window win{1000003, 4099};
+  EXPECT(td::row_start(win, 0) == 1000003 && td::row_start(win, 3) == 1000003 + 3 * 4099, "row_start");
+}
+
+// mask words: bit j % 32 of word j / 32; OR-ing 32 bits at any column; reading them back
+static void test_bit_helpers() {
+  std::mt19937_64 g(12);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int64_t F = 1 + (int64_t)(g() % 300), W = td::bits_words(F);
+    EXPECT(W == (F + 31) / 32, "bits_words");
+    std::vector<uint8_t> keep(F);
+    for (auto& k : keep) k = g() & 1;
+    std::vector<uint32_t> words(W, 0);
+    int64_t j = 0;
+    while (j < F) {  // pieces of random length, as the kernels OR tiles at unaligned columns
+      const int64_t n = std::min<int64_t>(F - j, 1 + (int64_t)(g() % 32));
+      uint32_t b = 0;
+      for (int64_t i = 0; i < n; ++i) b |= (uint32_t)keep[j + i] << i;
+      td::or_bits32(words.data(), j, b);
+      j += n;
+    }
+    for (int64_t c = 0; c < F; ++c) EXPECT(td::bit_at(words.data(), c) == (keep[c] != 0), "bit %lld", (long long)c);
+    EXPECT((words[W - 1] >> (F - 32 * (W - 1)) == 0) || F % 32 == 0, "padding bits are 0");
+    for (int64_t c = 0; c < F; c += 1 + (int64_t)(g() % 7)) {
+      uint32_t want = 0;
+      for (int i = 0; i < 32 && c + i < F; ++i) want |= (uint32_t)keep[c + i] << i;
+      EXPECT(td::bits32_at(words.data(), c, W) == want, "bits32_at F=%lld c=%lld", (long long)F, (long long)c);
+    }
+    std::vector<uint32_t> ones(W, 0);
+    td::set_keep_bits(ones.data(), 0, F);
+    for (int64_t c = 0; c < 32 * W; ++c)
+      EXPECT(((ones[c >> 5] >> (c & 31)) & 1) == (c < F ? 1u : 0u), "set_keep_bits F=%lld c=%lld", (long long)F,
+             (long long)c);
+  }
+}
+
+// N:M: rank in (key, j) order by sorting, against nm_rank / nm_group_candidates, every (n, m)
+static void test_nm_ranks() {
+  std::mt19937_64 g(13);
+  for (int m = 2; m <= 16; ++m)
+    for (int trial = 0; trial < 300; ++trial) {
+      uint32_t keys[16];
+      const int mode = trial % 3;  // distinct-ish, heavy ties, all equal
+      for (int i = 0; i < m; ++i)
+        keys[i] = mode == 0 ? (uint32_t)(g() & 0x7FFFFFFF) : mode == 1 ? (uint32_t)(g() % 3) : 0x3F800000u;
+      int order[16];
+      for (int i = 0; i < m; ++i) order[i] = i;
+      std::stable_sort(order, order + m, [&](int a, int b) { return keys[a] < keys[b]; });
+      int rank[16];
+      for (int r = 0; r < m; ++r) rank[order[r]] = r;
+      for (int i = 0; i < m; ++i)
+        EXPECT(td::nm_rank([&](int l) { return keys[l]; }, m, i) == rank[i], "nm_rank m=%d i=%d", m, i);
+      for (int n = 1; n < m; ++n) {
+        uint32_t want = 0;
+        for (int i = 0; i < m; ++i) want |= (uint32_t)(rank[i] < m - n) << i;
+        const uint32_t got = td::nm_group_candidates(keys, n, m);
+        EXPECT(got == want, "nm_group_candidates n=%d m=%d: %x vs %x", n, m, got, want);
+        EXPECT(__builtin_popcount(got) == m - n, "exactly m - n candidates");
+      }
+    }
+}
+
+static void test_sort64() {
+  std::mt19937_64 g(14);
+  for (td::Simd simd : simd_levels())
+    for (int trial = 0; trial < 3000; ++trial) {
+      uint32_t x[64];
+      const int n = 1 + (int)(g() % 64);
+      for (int i = 0; i < 64; ++i)
+        x[i] = i >= n ? 0x7FFFFFFFu : trial % 2 ? (uint32_t)(g() & 0x7FFFFFFF) : (uint32_t)(g() % 4) * 0x1FFFFFFFu;
+      std::vector<uint32_t> want(x, x + 64);
+      std::sort(want.begin(), want.end());
+      td::sort64(x, simd);
+      EXPECT(std::equal(x, x + 64, want.begin()), "sort64 %s trial %d", simd_name(simd), trial);
+    }
+}
+
+// float bits of a few families' storage words
+template <class Fm>
+static typename Fm::S storage_from(double x) {
+  if constexpr (sizeof(typename Fm::S) == 8) {
+    uint64_t b;
+    std::memcpy(&b, &x, 8);
+    return b;
+  } else if constexpr (sizeof(typename Fm::S) == 4) {
+    return bits_of((float)x);
+  } else if constexpr (std::is_same<Fm, td::FamBF16>::value) {
+    return (uint16_t)(bits_of((float)x) >> 16);  // truncation is fine: any 16-bit pattern is a weight
+  } else {  // float16 by truncation: tiny values flush to +-0, huge ones to +-inf
+    const uint32_t b = bits_of((float)x), e = (b >> 23) & 0xFF, sign = (b >> 16) & 0x8000;
+    if (e < 113) return (uint16_t)sign;
+    if (e > 142) return (uint16_t)(sign | 0x7C00);
+    return (uint16_t)(sign | ((e - 112) << 10) | ((b >> 13) & 0x3FF));
+  }
+}
+
+// rows of several styles: normal, ties with +-0, specials (inf, NaN with payloads), periodic
+template <class Fm>
+static std::vector<typename Fm::S> make_row(std::mt19937_64& g, int64_t n, int style) {
+  using S = typename Fm::S;
+  std::normal_distribution<double> nd;
+  std::vector<S> r(n);
+  for (int64_t i = 0; i < n; ++i) {
+    switch (style) {
+      case 0: r[i] = storage_from<Fm>(nd(g)); break;
+      case 1: r[i] = storage_from<Fm>((double)((int)(g() % 5) - 2) * 0.5); break;           // ties, +-0
+      case 2: r[i] = (S)(g() % 2 ? storage_from<Fm>(nd(g)) : (S)g()); break;                 // any bits: NaN, inf
+      case 3: r[i] = storage_from<Fm>((double)(i % 7)); break;                              // periodic
+      default: r[i] = storage_from<Fm>(g() % 64 == 0 ? nd(g) : 0.0); break;                 // mostly zeros
+    }
+    if (style != 2 && g() % 2) r[i] ^= (S)((S)1 << (8 * sizeof(S) - 1));                   // either sign
+  }
+  return r;
+}
+
+template <class Fm>
+static void test_select_sampled_family(const char* name) {
+  std::mt19937_64 g(15);
+  uint32_t hist[td::kRadixBins];
+  const int64_t sizes[] = {1, 2, 17, 63, 64, 65, 100, 300, 1000, 4096, 4099, 70000};
+  for (td::Simd simd : simd_levels())
+    for (int64_t n : sizes)
+      for (int style = 0; style < 5; ++style) {
+        const auto row = make_row<Fm>(g, n, style);
+        std::vector<uint32_t> sorted(n);
+        for (int64_t i = 0; i < n; ++i) sorted[i] = Fm::rv(row[i]);
+        std::sort(sorted.begin(), sorted.end());
+        std::vector<uint32_t> b0(td::select_scratch_size(n)), b1(td::select_scratch_size(n));
+        td::SelectScratch scratch(n);
+        for (int64_t k : {int64_t(0), n / 10, n / 3, n / 2, (9 * n) / 10, n - 1}) {
+          const uint32_t got = td::select_rank_sampled<Fm>(row.data(), n, k, b0.data(), b1.data(), hist, simd);
+          EXPECT(got == sorted[k], "select_rank_sampled %s %s n=%lld style=%d k=%lld: %x vs %x", name,
+                 simd_name(simd), (long long)n, style, (long long)k, got, sorted[k]);
+          const uint32_t t = td::row_threshold<Fm>(row.data(), n, k, scratch, simd);  // radix without SIMD
+          EXPECT(t == sorted[k], "row_threshold %s %s n=%lld k=%lld", name, simd_name(simd), (long long)n,
+                 (long long)k);
+        }
+      }
+}
+
+// The scalar model of one piece of a row: what apply_row must produce, from td_core.h only.
+template <class Fm, class CandAt>
+static void model_apply(const typename Fm::S* val, typename Fm::S* out, uint32_t* bits, int64_t j0, int64_t j1,
+                        uint64_t pos0, uint64_t seed, uint64_t D, CandAt cand_at) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const bool drop = cand_at(j) && td::drops(td::philox_word(seed, pos0 + (uint64_t)j), D);
+    out[j] = drop ? typename Fm::S(0) : val[j];
+    if (!drop) bits[j >> 5] |= 1u << (j & 31);
+  }
+}
+
+template <class Fm>
+static void test_apply_family(const char* name) {
+  using S = typename Fm::S;
+  std::mt19937_64 g(16);
+  const uint64_t Ds[] = {0, 1, 0x80000000ull, 0xFFFFFFFFull, 1ull << 32, 0x4F1BBCDCull};
+  for (td::Simd simd : simd_levels())
+    for (int trial = 0; trial < 160; ++trial) {
+      const int64_t F = trial < 40 ? 1 + (int64_t)(g() % 140) : 1 + (int64_t)(g() % 1500);
+      const auto wk = make_row<Fm>(g, F, trial % 5), val = make_row<Fm>(g, F, 0);
+      const uint64_t pos0 = trial % 3 == 0 ? (uint64_t)F * (g() % 50) : (g() >> 4);  // aligned-ish or anywhere
+      const uint64_t seed = g() >> 1, D = Ds[trial % 6];
+      // pieces: [0, F) whole, or from a multiple of 32
+      const int64_t j0 = trial % 4 == 3 && F > 64 ? 32 * (int64_t)(g() % (F / 32)) : 0;
+      const int64_t j1 = trial % 8 == 7 ? j0 + (F - j0) / 2 : F;
+      const int64_t W = td::bits_words(F);
+      td::ApplyCtx ctx;
+      ctx.simd = sizeof(S) <= 4 ? simd : td::Simd::kNone;
+      // weight targeting: limit from a random element's rank value (or none / all)
+      const int32_t lims[] = {-1, (int32_t)Fm::rv(wk[g() % F]), (int32_t)((1u << Fm::kBits) - 1)};
+      for (int32_t lim : lims)
+        for (int same = 0; same < 2; ++same) {  // forward (val = wk) and backward (val = grad)
+          const S* v = same ? wk.data() : val.data();
+          std::vector<S> got(F, (S)0x5A5A), want(F, (S)0x5A5A);
+          std::vector<uint32_t> gb(W, 0xDEADBEEF), wb(W, 0);
+          td::apply_row<Fm>(wk.data(), v, got.data(), j0, j1, pos0, td::CandKeys{lim}, seed, D, gb.data(), ctx);
+          model_apply<Fm>(v, want.data(), wb.data(), j0, j1, pos0, seed, D,
+                          [&](int64_t j) { return (int32_t)Fm::rv(wk[j]) <= lim; });
+          int bad = 0;
+          for (int64_t j = j0; j < j1; ++j) bad += got[j] != want[j];
+          for (int64_t w = j0 / 32; w < (j1 + 31) / 32; ++w) bad += gb[w] != wb[w];
+          EXPECT(bad == 0, "apply_row %s %s F=%lld [%lld,%lld) pos0=%llx D=%llx lim=%d: %d wrong", name,
+                 simd_name(simd), (long long)F, (long long)j0, (long long)j1, (unsigned long long)pos0,
+                 (unsigned long long)D, lim, bad);
+          // the bits backward reproduces the forward from the words alone
+          std::vector<S> gb2(F, (S)0x5A5A);
+          td::apply_bits_row<S>(v, gb2.data(), wb.data(), j0, j1, simd);
+          bad = 0;
+          for (int64_t j = j0; j < j1; ++j) bad += gb2[j] != want[j];
+          EXPECT(bad == 0, "apply_bits_row %s %s F=%lld: %d wrong", name, simd_name(simd), (long long)F, bad);
+        }
+      // N:M targeting on a prefix whose length m divides
+      for (int m : {2, 3, 4, 7, 8, 16}) {
+        const int n = 1 + (int)(g() % (m - 1));
+        const int64_t Fm_ = F / m * m, a = j0 / (32 * m) * (32 * m);
+        if (Fm_ <= a) continue;
+        std::vector<uint32_t> cb((Fm_ - a + 31) / 32 + 1);
+        td::nm_candidates<Fm>(wk.data(), a, Fm_, n, m, cb.data(), ctx.simd);
+        auto cand = [&](int64_t j) {  // group of j by sorting (key, j)
+          const int64_t g0 = j - j % m;
+          uint32_t keys[16];
+          for (int l = 0; l < m; ++l) keys[l] = Fm::key(wk[g0 + l]);
+          return ((td::nm_group_candidates(keys, n, m) >> (j - g0)) & 1) != 0;
+        };
+        std::vector<S> got(F, (S)0x5A5A), want(F, (S)0x5A5A);
+        std::vector<uint32_t> gbits(W, 0), wbits(W, 0);
+        td::apply_row<Fm>(wk.data(), val.data(), got.data(), a, Fm_, pos0,
+                          td::CandBits{cb.data(), a, (int64_t)cb.size() - 1}, seed, D, gbits.data(), ctx);
+        model_apply<Fm>(val.data(), want.data(), wbits.data(), a, Fm_, pos0, seed, D, cand);
+        int bad = 0;
+        for (int64_t j = a; j < Fm_; ++j) bad += got[j] != want[j];
+        for (int64_t w = a / 32; w < (Fm_ + 31) / 32; ++w) bad += gbits[w] != wbits[w];
+        EXPECT(bad == 0, "N:M apply %s %s %d:%d F=%lld: %d wrong", name, simd_name(simd), n, m, (long long)Fm_, bad);
+      }
+    }
+}
+
 int main() {
   test_philox_known_answers();
   test_stream();
@@ -176,6 +431,21 @@ int main() {
   test_drop_decision();
   test_keys();
   test_select();
+  test_below_bits();
+  test_bit_helpers();
+  test_nm_ranks();
+  test_sort64();
+  test_select_sampled_family<td::FamF32>("f32");
+  test_select_sampled_family<td::FamBF16>("bf16");
+  test_select_sampled_family<td::FamF16>("f16");
+  test_select_sampled_family<td::FamF64>("f64");
+  test_apply_family<td::FamF32>("f32");
+  test_apply_family<td::FamBF16>("bf16");
+  test_apply_family<td::FamF16>("f16");
+  test_apply_family<td::FamF64>("f64");
+  std::printf("vector paths tested:");
+  for (td::Simd s : simd_levels()) std::printf(" %s", simd_name(s));
+  std::printf("\n");
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;
