@@ -18,7 +18,8 @@ argument, never another launcher. Every launcher takes plain tensors and Python 
     ``grad_w = where(keep, grad, +0.0)``: keep read from ``bits`` when given (``w2d`` and
     ``limit`` may then be None), else recomputed from W's keys, ``limit`` and the seed.
 ``nm_dropout(w2d, seed, n, m, D, *, window=None, bits=False) -> (out2d, bits)``
-    SPEC section 11; ``m`` divides F (and the window's column offset).
+    SPEC section 11; ``m`` divides F. The groups are the local block's, so a window must start
+    on a group boundary of the global row (td_kernels.distributed checks that for shards).
 ``nm_dropout_backward(grad2d, w2d, seed, n, m, D, *, window=None, bits=None) -> grad_w2d``
 ``unit_dropout(w2d, seed, k, D) -> (out2d, keep)``
     ``k = count(targ_rate, U)``; ``keep`` is bool ``[U]`` (True = row kept).
