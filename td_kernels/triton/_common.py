@@ -8,12 +8,12 @@ tile: tile row ``r`` holds columns ``c0 + 4r .. c0 + 4r + 3`` (``c0`` a multiple
     int32 word ``j // 32``) is packed from a ``[BLOCK_G // 8, 32]`` reshape of the tile with
     no cross-program read-modify-write;
   * the global stream position of local ``(u, j)`` is ``s_u + j`` with the row start
-    ``s_u = origin + u * row_stride`` (SPEC section 12); when ``s_u % 4 == 0`` one
-    ``tl.randint4x(seed, (s_u + c0) // 4 + r)`` (int64 offset, Triton >= 3.4) gives the tile
+    ``s_u = origin + u * row_stride`` (SPEC section 12); when every row starts 4-aligned
+    (``origin % 4 == 0 and row_stride % 4 == 0``: F % 4 == 0 without a window, or an aligned
+    shard) one ``tl.randint4x(seed, (s_u + c0) // 4 + r)`` (int64 offset) gives the tile
     row's four words ``word(s_u + c0 + 4r + lane)`` (SPEC section 5), one Philox4x32-10 per 4
     elements; otherwise the four positions straddle two Philox blocks, both are drawn and the
-    lanes selected (2 Philox per 4 elements).  That is a runtime branch per chunk, so aligned
-    rows pay once.
+    lanes selected (2 Philox per 4 elements).  The launcher picks the variant (``aligned``).
 """
 from __future__ import annotations
 
@@ -29,6 +29,31 @@ KEY_MAX = 0x7FFFFFFF
 # Triton picks interpreted or compiled kernels when @triton.jit runs (at import), so the
 # CPU gate must look at the setting in force then, not at os.environ at call time.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+def _interpreter_index_fix() -> None:
+    """Let the interpreter of Triton < 3.7 run loops with runtime bounds under NumPy >= 2.4.
+
+    Its scalars are 1-element 1-D arrays and ``tensor.__index__`` (what ``range(0, F, BLOCK)``
+    calls) was ``int(data)``, which NumPy 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"); Triton 3.9 uses ``int(data.squeeze())``.  We re-set it to
+    ``int(data.item())``, the same value, after the interpreter patches ``tl.tensor`` for a
+    launch.  Interpreter only: compiled kernels never see this."""
+    from triton.runtime import interpreter
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_td_kernels", False):
+        return
+
+    def patched(tensor, scope, *args, **kwargs):
+        patch(tensor, scope, *args, **kwargs)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._td_kernels = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _interpreter_index_fix()
 
 
 @triton.jit
@@ -83,30 +108,33 @@ def _cols(BLOCK_G: tl.constexpr):
 
 
 @triton.jit
-def _tile_words(seed, base, BLOCK_G: tl.constexpr):
+def _tile_words(seed, base, ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
     """``word(base + 4r + l)`` as a ``[BLOCK_G, 4]`` uint32 tile for an int64 stream position
-    ``base``: one Philox call per tile row when ``base % 4 == 0``, else two (the blocks the four
-    positions straddle) and a lane select."""
+    ``base``.  ALIGNED (the launcher knows ``base % 4 == 0`` for every row): one Philox call
+    per tile row.  Otherwise the four positions straddle two Philox blocks: both are drawn and
+    the lanes selected (2 calls per tile row, right for any ``base``).  A compile-time choice:
+    a runtime branch on ``base % 4`` made the compiled tiles hold both paths' registers (250
+    instead of 80 per thread at 8 warps x 8192 columns, measured with ptxas for sm_90)."""
     q = base // 4 + tl.arange(0, BLOCK_G).to(tl.int64)
-    a = base % 4
-    if a == 0:
+    if ALIGNED:
         words = _lane_words(seed, q)
     else:
         r0, r1, r2, r3 = tl.randint4x(seed, q)
         n0, n1, n2, n3 = tl.randint4x(seed, q + 1)
-        t = a + tl.arange(0, 4)[None, :]  # lane of block q (t < 4) or of block q + 1 (t - 4); t in 1..6
-        words = tl.where(t == 1, r1[:, None],
-                         tl.where(t == 2, r2[:, None],
-                                  tl.where(t == 3, r3[:, None],
-                                           tl.where(t == 4, n0[:, None],
-                                                    tl.where(t == 5, n1[:, None], n2[:, None])))))
+        t = base % 4 + tl.arange(0, 4)[None, :]  # lane t of block q, or t - 4 of block q + 1
+        words = tl.where(t == 0, r0[:, None],
+                         tl.where(t == 1, r1[:, None],
+                                  tl.where(t == 2, r2[:, None],
+                                           tl.where(t == 3, r3[:, None],
+                                                    tl.where(t == 4, n0[:, None],
+                                                             tl.where(t == 5, n1[:, None], n2[:, None]))))))
     return words
 
 
 @triton.jit
-def _tile_dropped(seed, base, D, BLOCK_G: tl.constexpr):
+def _tile_dropped(seed, base, D, ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
     """``word(base + 4r + l) < D`` on a ``[BLOCK_G, 4]`` tile (D int64: 2**32 drops all)."""
-    return _tile_words(seed, base, BLOCK_G).to(tl.int64) < D
+    return _tile_words(seed, base, ALIGNED, BLOCK_G).to(tl.int64) < D
 
 
 @triton.jit
@@ -145,9 +173,9 @@ def _bits_backward_kernel(g_ptr, bits_ptr, out_ptr, U, F, NW, ROWS: tl.constexpr
 MAX_GRID_1 = 65535  # CUDA's limit on grid axis 1
 
 
-def num_warps(elements: int) -> int:
-    """Warps for a program over ``elements`` elements: one per 256, 1 to 8."""
-    return max(1, min(8, elements // 256))
+def num_warps(elements: int, per_warp: int = 256, most: int = 8) -> int:
+    """Warps for a program over ``elements`` elements: one per ``per_warp``, 1 to ``most``."""
+    return max(1, min(most, elements // per_warp))
 
 
 def device_guard(t: torch.Tensor):
@@ -209,6 +237,11 @@ def check_limit(limit, U: int, device) -> torch.Tensor:
             else type(limit).__name__
         raise ValueError(f"limit must be an int32 tensor of shape ({U},) on {device}, got {got}")
     return limit.contiguous()
+
+
+def aligned(origin: int, row_stride: int) -> bool:
+    """Whether every row's stream start ``origin + u * row_stride`` is a multiple of 4."""
+    return origin % 4 == 0 and row_stride % 4 == 0
 
 
 def new_bits(U: int, F: int, device) -> torch.Tensor:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..reference import check_nm, check_window
-from ._common import (_cols, _key, _store_bits, _tile_dropped, bits_backward, check_drop_threshold,
+from ._common import (_cols, _key, _store_bits, aligned, _tile_dropped, bits_backward, check_drop_threshold,
                       check_grad, check_seed, check_w2d, device_guard, launch_chunks, new_bits, num_warps)
 
 __all__ = ["nm_dropout", "nm_dropout_backward"]
@@ -67,7 +67,7 @@ def _rank_general(row, j, keys, valid, M: tl.constexpr):
 def _nm_kernel(w_ptr, g_ptr, out_ptr, bits_ptr, seed: tl.int64, D: tl.int64, origin: tl.int64,
                row_stride: tl.int64, F, NW, N: tl.constexpr, M: tl.constexpr,
                BACKWARD: tl.constexpr, BITS: tl.constexpr, POW2: tl.constexpr,
-               BLOCK_G: tl.constexpr):
+               ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
     """Forward (``out = where(keep, w, 0)``, BITS: also the packed mask) or recompute
     backward (BACKWARD: ``out = where(keep, grad, 0)``) of N:M targeting."""
     u = tl.program_id(0).to(tl.int64)
@@ -82,7 +82,7 @@ def _nm_kernel(w_ptr, g_ptr, out_ptr, bits_ptr, seed: tl.int64, D: tl.int64, ori
             rank = _rank_pow2(keys, M, BLOCK_G)
         else:
             rank = _rank_general(row, j, keys, valid, M)
-        keep = ~((rank < M - N) & _tile_dropped(seed, s + c0, D, BLOCK_G))
+        keep = ~((rank < M - N) & _tile_dropped(seed, s + c0, D, ALIGNED, BLOCK_G))
         if BACKWARD:
             src = tl.load(g_ptr + u * F + j, mask=valid, other=0)
         else:
@@ -109,7 +109,7 @@ def _launch(w2d, grad2d, seed, n, m, drop_threshold, window, bits):
         launch_chunks(_nm_kernel, U, F, 4 * block_g)(
             w2d, src, out, packed if bits else out, seed, D, origin, row_stride, F,
             packed.shape[1] if bits else 0, N=n, M=m, BACKWARD=grad2d is not None, BITS=bits,
-            POW2=pow2, BLOCK_G=block_g, num_warps=num_warps(4 * block_g))
+            POW2=pow2, ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, num_warps=num_warps(4 * block_g))
     return out, packed
 
 

@@ -66,7 +66,7 @@ def _unit_keep_kernel(norm_ptr, keep_ptr, U, k, fixed_limit, seed: tl.int64, D: 
         u = c0 + _cols(BLOCK_G)
         valid = u < U
         keys = _key(tl.load(norm_ptr + u, mask=valid, other=0))
-        drop = (keys <= limit) & _tile_dropped(seed, c0, D, BLOCK_G)   # stream position p = u
+        drop = (keys <= limit) & _tile_dropped(seed, c0, D, True, BLOCK_G)   # stream position p = u
         tl.store(keep_ptr + u, (~drop).to(tl.uint8), mask=valid)
 
 

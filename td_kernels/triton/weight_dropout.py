@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..reference import check_window
-from ._common import (KEY_MAX, _cols, _key, _store_bits, _tile_dropped, bits_backward, check_count,
+from ._common import (KEY_MAX, _cols, _key, _store_bits, aligned, _tile_dropped, bits_backward, check_count,
                       check_drop_threshold, check_limit, check_grad, check_seed, check_w2d, device_guard,
                       launch_chunks, new_bits, num_warps)
 
@@ -47,67 +47,75 @@ __all__ = ["weight_dropout", "weight_dropout_backward"]
 # Tuning knobs, read at each launch (tests lower them to reach the streamed path on small
 # shapes). A group is 4 consecutive columns, the unit of one Philox call; every block holds at
 # least 8 groups so that its columns are whole 32-bit mask words.
-MAX_ONE_PASS_GROUPS = 2048   # rows of up to 8192 columns are selected from registers
+MAX_ONE_PASS_GROUPS = 2048   # rows of up to 8192 columns are selected from registers, with
+                             # one warp per 512 columns (16 warps at 8192: 8 warps spilled)
 CHUNK_GROUPS = 1024          # columns per chunk of the streamed path: 4 * this
 BACKWARD_GROUPS = 1024       # columns per recompute-backward iteration: 4 * this
 MIN_GROUPS = 8
 
 
-@triton.jit
-def _radix_hist(keys, valid, prefix, SHIFT: tl.constexpr, N: tl.constexpr):
-    """256-bin histogram of digit ``(key >> SHIFT) & 255`` over valid keys whose bits above
-    SHIFT + 8 equal prefix's."""
-    if SHIFT == 24:  # first round: bit 31 is always 0, nothing fixed yet
-        match = valid
-    else:
-        match = valid & ((keys >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-    digit = (keys >> SHIFT) & 0xFF
-    return tl.histogram(tl.reshape(digit, [N]), 256, mask=tl.reshape(match, [N]))
+# Bits of the key fixed per radix round: 8 rounds of 16 bins.  tl.histogram lowers to warp
+# ballots, one per digit bit per element, plus per-bin popcounts over the bins a lane owns:
+# 256 bins cost ~60 instructions per element and round (x4 rounds) and hold 9 ballot masks
+# per element live, which spilled 8192-column tiles; 16 bins cost ~11 (x8 rounds).  The rounds
+# are a runtime loop (the shift a register), so the histogram code is emitted once.
+RADIX_BITS = tl.constexpr(4)
+RADIX_BINS = tl.constexpr(16)
+RADIX_ROUNDS = tl.constexpr(8)
 
 
 @triton.jit
-def _radix_pick(hist, prefix, rank, SHIFT: tl.constexpr):
+def _radix_hist(keys, valid, prefix, shift, N: tl.constexpr):
+    """Histogram of digit ``(key >> shift) % RADIX_BINS`` over the valid keys whose bits above
+    the digit equal prefix's (none are fixed in the first round, shift = 28)."""
+    above = (tl.full([], -1, tl.int64) << (shift + RADIX_BITS)).to(tl.int32)  # 0 when shift = 28
+    match = valid & (((keys ^ prefix) & above) == 0)
+    digit = (keys >> shift) & (RADIX_BINS - 1)
+    return tl.histogram(tl.reshape(digit, [N]), RADIX_BINS, mask=tl.reshape(match, [N]))
+
+
+@triton.jit
+def _radix_pick(hist, prefix, rank, shift):
     """Fix the digit whose bin holds 0-based ``rank``; return the new prefix and the rank
     within that bin."""
     cum = tl.cumsum(hist, 0)
     b = tl.sum((cum <= rank).to(tl.int32), 0)  # first bin with cum > rank
-    below = tl.sum(tl.where(tl.arange(0, 256) < b, hist, 0), 0)
-    return prefix | (b << SHIFT), rank - below
+    below = tl.sum(tl.where(tl.arange(0, RADIX_BINS) < b, hist, 0), 0)
+    return prefix | (b << shift), rank - below
 
 
 @triton.jit
 def _select_resident(keys, valid, k, N: tl.constexpr):
-    """``t - 1`` for the key ``t`` at 0-based position k among the valid keys of a tile."""
+    """``t - 1`` for the key ``t`` at 0-based position k among the valid keys of a tile: a
+    radix select, one histogram per RADIX_BITS-bit digit from the top (bit 31 is always 0)."""
     rank = k + tl.zeros([], tl.int32)
     prefix = tl.zeros([], tl.int32)
-    prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, 24, N), prefix, rank, 24)
-    prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, 16, N), prefix, rank, 16)
-    prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, 8, N), prefix, rank, 8)
-    prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, 0, N), prefix, rank, 0)
+    for r in range(RADIX_ROUNDS):
+        shift = 32 - RADIX_BITS - RADIX_BITS * r
+        prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, shift, N), prefix, rank, shift)
     return prefix - 1
 
 
 @triton.jit
-def _streamed_hist(row, F, prefix, SHIFT: tl.constexpr, BLOCK_G: tl.constexpr):
+def _streamed_hist(row, F, prefix, shift, BLOCK_G: tl.constexpr):
     """``_radix_hist`` over the ``F`` keys at ``row``, read chunk by chunk (one pass)."""
-    hist = tl.zeros([256], dtype=tl.int32)
+    hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
     for c0 in range(0, F, 4 * BLOCK_G):
         j = c0 + _cols(BLOCK_G)
         valid = j < F
         keys = _key(tl.load(row + j, mask=valid, other=0))
-        hist += _radix_hist(keys, valid, prefix, SHIFT, 4 * BLOCK_G)
+        hist += _radix_hist(keys, valid, prefix, shift, 4 * BLOCK_G)
     return hist
 
 
 @triton.jit
 def _select_streamed(row, F, k, BLOCK_G: tl.constexpr):
-    """``_select_resident`` over ``F`` keys in memory: four passes, one per radix round."""
+    """``_select_resident`` over ``F`` keys in memory: one pass per radix round."""
     rank = k + tl.zeros([], tl.int32)
     prefix = tl.zeros([], tl.int32)
-    prefix, rank = _radix_pick(_streamed_hist(row, F, prefix, 24, BLOCK_G), prefix, rank, 24)
-    prefix, rank = _radix_pick(_streamed_hist(row, F, prefix, 16, BLOCK_G), prefix, rank, 16)
-    prefix, rank = _radix_pick(_streamed_hist(row, F, prefix, 8, BLOCK_G), prefix, rank, 8)
-    prefix, rank = _radix_pick(_streamed_hist(row, F, prefix, 0, BLOCK_G), prefix, rank, 0)
+    for r in range(RADIX_ROUNDS):
+        shift = 32 - RADIX_BITS - RADIX_BITS * r
+        prefix, rank = _radix_pick(_streamed_hist(row, F, prefix, shift, BLOCK_G), prefix, rank, shift)
     return prefix - 1
 
 
@@ -115,7 +123,7 @@ def _select_streamed(row, F, k, BLOCK_G: tl.constexpr):
 def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, D: tl.int64,
                            origin: tl.int64, row_stride: tl.int64, F, NW, k,
                            SELECT: tl.constexpr, ONE_PASS: tl.constexpr, BITS: tl.constexpr,
-                           BLOCK_G: tl.constexpr):
+                           ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
     """One program per row; ``limit_ptr`` is written (SELECT) or read (a given limit)."""
     u = tl.program_id(0).to(tl.int64)
     row = w_ptr + u * F
@@ -132,7 +140,7 @@ def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, 
             tl.store(limit_ptr + u, limit)
         else:
             limit = tl.load(limit_ptr + u)
-        keep = ~((keys <= limit) & _tile_dropped(seed, s, D, BLOCK_G))
+        keep = ~((keys <= limit) & _tile_dropped(seed, s, D, ALIGNED, BLOCK_G))
         tl.store(out_row + j, tl.where(keep, x, tl.zeros_like(x)), mask=valid)
         if BITS:
             _store_bits(bits_row, 0, keep & valid, NW, BLOCK_G)
@@ -146,7 +154,7 @@ def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, 
             j = c0 + _cols(BLOCK_G)
             valid = j < F
             x = tl.load(row + j, mask=valid, other=0)
-            keep = ~((_key(x) <= limit) & _tile_dropped(seed, s + c0, D, BLOCK_G))
+            keep = ~((_key(x) <= limit) & _tile_dropped(seed, s + c0, D, ALIGNED, BLOCK_G))
             tl.store(out_row + j, tl.where(keep, x, tl.zeros_like(x)), mask=valid)
             if BITS:
                 _store_bits(bits_row, c0, keep & valid, NW, BLOCK_G)
@@ -155,7 +163,7 @@ def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, 
 @triton.jit(do_not_specialize=["seed", "D", "origin", "row_stride"])
 def _weight_dropout_backward_kernel(g_ptr, w_ptr, limit_ptr, out_ptr, seed: tl.int64,
                                     D: tl.int64, origin: tl.int64, row_stride: tl.int64, F,
-                                    BLOCK_G: tl.constexpr):
+                                    ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
     """Recompute backward, grid (U, chunks): keep from W's keys, limit[u] and the seed."""
     u = tl.program_id(0).to(tl.int64)
     s = origin + u * row_stride
@@ -165,7 +173,7 @@ def _weight_dropout_backward_kernel(g_ptr, w_ptr, limit_ptr, out_ptr, seed: tl.i
         valid = j < F
         x = tl.load(w_ptr + u * F + j, mask=valid, other=0)
         g = tl.load(g_ptr + u * F + j, mask=valid, other=0)
-        keep = ~((_key(x) <= limit) & _tile_dropped(seed, s + c0, D, BLOCK_G))
+        keep = ~((_key(x) <= limit) & _tile_dropped(seed, s + c0, D, ALIGNED, BLOCK_G))
         tl.store(out_ptr + u * F + j, tl.where(keep, g, tl.zeros_like(g)), mask=valid)
 
 
@@ -201,7 +209,8 @@ def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int, *,
         _weight_dropout_kernel[(U,)](
             w2d, out, lim, packed if bits else out, seed, D, origin, row_stride, F,
             packed.shape[1] if bits else 0, k if select else 0, SELECT=select, ONE_PASS=one_pass, BITS=bits,
-            BLOCK_G=block_g, num_warps=num_warps(4 * block_g))
+            ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g,
+            num_warps=num_warps(4 * block_g, 512, 16) if one_pass else num_warps(4 * block_g))
     return out, lim, packed
 
 
@@ -224,6 +233,6 @@ def weight_dropout_backward(grad2d: torch.Tensor, w2d, limit, seed: int, drop_th
     block_g = _block_groups(triton.cdiv(F, 4), BACKWARD_GROUPS)
     with device_guard(w2d):
         launch_chunks(_weight_dropout_backward_kernel, U, F, 4 * block_g)(
-            grad2d, w2d, limit, out, seed, D, origin, row_stride, F, BLOCK_G=block_g,
-            num_warps=num_warps(4 * block_g))
+            grad2d, w2d, limit, out, seed, D, origin, row_stride, F,
+            ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, num_warps=num_warps(4 * block_g))
     return out
