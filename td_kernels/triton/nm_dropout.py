@@ -10,9 +10,10 @@ per row start, whole 32-bit mask words per program).
 
 The rank of column ``c`` in its group is ``#{t : key_t < key_c or (key_t == key_c and t < c)}``:
   * m a power of two (2, 4, 8, 16, the FAST path): the ``[BLOCK_G, 4]`` tile reshapes to
-    ``[4 * BLOCK_G / m, m]`` whole groups (tiles start at multiples of m), and an
-    ``[groups, m, m]`` comparison summed over the last axis gives every rank: m compares per
-    element, all in registers;
+    ``[4 * BLOCK_G / m, m]`` whole groups (tiles start at multiples of m); a loop over t takes
+    key t of every group (a row reduction) and compares it with the group's keys: ~2m
+    operations per element, all in registers (an ``[groups, m, m]`` broadcast instead used
+    255 registers per thread at m = 16, this 54, ptxas for sm_90);
   * any other m (the GENERAL path): a column's group straddles tile rows and tiles, so each
     element loads the m keys of its group (``j - j % m + t``) itself: m loads per element,
     served by L1/L2 (the tile reads the same lines), m compares per element.
@@ -43,12 +44,12 @@ def _rank_pow2(keys, M: tl.constexpr, BLOCK_G: tl.constexpr):
     """Ranks within groups of M (a power of two dividing 4 * BLOCK_G) of a [BLOCK_G, 4] tile."""
     G: tl.constexpr = 4 * BLOCK_G // M
     kk = tl.reshape(keys, [G, M])
-    mine = kk[:, :, None]            # column c of the group (axis 1) ...
-    other = kk[:, None, :]           # ... against every t of its group (axis 2)
-    c = tl.arange(0, M)[None, :, None]
-    t = tl.arange(0, M)[None, None, :]
-    before = (other < mine) | ((other == mine) & (t < c))
-    return tl.reshape(tl.sum(before.to(tl.int32), 2), [BLOCK_G, 4])
+    c = tl.arange(0, M)[None, :]
+    rank = tl.zeros([G, M], tl.int32)
+    for t in range(M):
+        other = tl.sum(tl.where(c == t, kk, 0), 1)[:, None]   # key t of each group
+        rank += ((other < kk) | ((other == kk) & (t < c))).to(tl.int32)
+    return tl.reshape(rank, [BLOCK_G, 4])
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def _rank_general(row, j, keys, valid, M: tl.constexpr):
     c = j % M
     g0 = j - c
     rank = tl.zeros_like(j)
-    for t in tl.static_range(M):
+    for t in range(M):
         other = _key(tl.load(row + g0 + t, mask=valid, other=0))
         rank += ((other < keys) | ((other == keys) & (t < c))).to(tl.int32)
     return rank
