@@ -178,9 +178,10 @@ def test_spec_worked_example():
 def test_weight_matches_reference(dtype, U, F):
     gen = torch.Generator().manual_seed(U * 1000 + F)
     w = special_rows(U, F, dtype, gen)
-    for k in sorted({0, 1 % (F + 1), F // 2, max(F - 1, 0), F}):
-        for D in ((0, D_HALF + 12345, D_ALL) if k == F // 2 else (D_HALF + 12345, D_ALL)):
-            check_weight(w, 2026 + k, k, D)
+    ks = sorted({0, 1 % (F + 1), F // 2, max(F - 1, 0), F})
+    for i, k in enumerate(ks):  # drop rates 0, 1/2 and 1 each meet several k
+        check_weight(w, 2026 + k, k, (0, D_HALF + 12345, D_ALL)[i % 3])
+    check_weight(w, 7, F // 2, D_ALL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -212,15 +213,15 @@ def test_weight_streamed_path(dtype, monkeypatch):
     """Rows longer than a program holds: chunked histogram passes give the same bits, also in
     a window with unaligned row starts and with a given limit."""
     gen = torch.Generator().manual_seed(3)
-    w = special_rows(3, 77, dtype, gen)
-    ks = (5, 76, 77)
+    w = special_rows(3, 45, dtype, gen)
+    ks = (5, 44, 45)
     resident = [wd.weight_dropout(w, 99, k, D_HALF, bits=True) for k in ks]
     set_knobs(monkeypatch, STREAMED_KNOBS)
     for (out, limit, bits), k in zip(resident, ks):
         streamed = check_weight(w, 99, k, D_HALF)
         assert_bits(streamed, out)
-    check_weight(w, 99, 40, D_HALF, window=shard_window(77, 10, 3))
-    check_weight(w, 99, 0, D_HALF, window=shard_window(77, 3, 1), limit=resident[0][1])
+    check_weight(w, 99, 30, D_HALF, window=shard_window(45, 10, 3))
+    check_weight(w, 99, 0, D_HALF, window=shard_window(45, 3, 1), limit=resident[0][1])
 
 
 def test_weight_long_row():
@@ -228,8 +229,7 @@ def test_weight_long_row():
     F = 4 * wd.MAX_ONE_PASS_GROUPS + 1001
     w = torch.randn(2, F, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     w[1, ::3] = 0.25  # many ties
-    for k in (1, F // 3, F - 1):
-        check_weight(w, 2**40 + 17, k, D_HALF)
+    check_weight(w, 2**40 + 17, F // 3, D_HALF)
 
 
 def test_one_pass_tiles_fit_the_row():
@@ -248,7 +248,7 @@ def test_weight_million_row_cuda():
 
 
 @settings(deadline=None, max_examples=25)
-@given(U=st.integers(1, 5), F=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
+@given(U=st.integers(1, 4), F=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
        seed=st.integers(0, 2**63 - 1), targ=st.floats(0, 1), drop=st.floats(0, 1),
        streamed=st.booleans(), data=st.data())
 def test_weight_hypothesis(U, F, dtype, seed, targ, drop, streamed, data):
@@ -480,41 +480,6 @@ def test_unit_nan_norms_tie(dtype):
     w = w.to(dtype).to(DEVICE)
     assert ud.unit_norms(w)[1:].view(torch.int32).tolist() == [0x7FC00000] * 3
     assert ud.unit_dropout(w, 1, 2, D_ALL)[1].tolist() == [False, True, True, True]
-
-
-_PTX_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from td_kernels.triton.unit_dropout import _row_norms_kernel
-for cc in (80, 90):
-    for dt in ("fp32", "fp16", "bf16"):
-        src = ASTSource(fn=_row_norms_kernel, signature={"w_ptr": "*" + dt, "norm_ptr": "*fp32",
-                        "F": "i32", "BLOCK": "constexpr"}, constexprs={"BLOCK": 1024})
-        ptx = triton.compile(src, target=GPUTarget("cuda", cc, 32)).asm["ptx"]
-        ops = [ln.split()[0] for ln in ptx.splitlines() if "sqrt" in ln or "rcp" in ln or "cvt.rn.f32.f64" in ln]
-        print(cc, dt, sorted(set(ops)))
-"""
-
-
-def test_norm_kernel_ptx_uses_ieee_float64_sqrt():
-    """Compiled for sm_80/sm_90 (no GPU needed): the norm's sqrt is PTX sqrt.rn.f64 (IEEE, as
-    the interpreter's numpy and the reference), then one cvt.rn.f32.f64; never an approximate
-    sqrt/rsqrt, which would break bit equality. Compiles in a fresh process: this one may be
-    running the interpreter."""
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=300)
-    if res.returncode != 0 and "ptxas" in res.stderr.lower() and "not found" in res.stderr.lower():
-        pytest.skip("Triton's ptxas is missing")
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.strip().splitlines()
-    assert len(lines) == 6, res.stdout
-    for line in lines:
-        assert line.endswith("['cvt.rn.f32.f64', 'sqrt.rn.f64']"), line
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
