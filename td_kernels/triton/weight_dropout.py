@@ -47,8 +47,7 @@ __all__ = ["weight_dropout", "weight_dropout_backward"]
 # Tuning knobs, read at each launch (tests lower them to reach the streamed path on small
 # shapes). A group is 4 consecutive columns, the unit of one Philox call; every block holds at
 # least 8 groups so that its columns are whole 32-bit mask words.
-MAX_ONE_PASS_GROUPS = 2048   # rows of up to 8192 columns are selected from registers, with
-                             # one warp per 512 columns (16 warps at 8192: 8 warps spilled)
+MAX_ONE_PASS_GROUPS = 2048   # rows of up to 8192 columns are selected from registers
 CHUNK_GROUPS = 1024          # columns per chunk of the streamed path: 4 * this
 BACKWARD_GROUPS = 1024       # columns per recompute-backward iteration: 4 * this
 MIN_GROUPS = 8
@@ -177,6 +176,13 @@ def _weight_dropout_backward_kernel(g_ptr, w_ptr, limit_ptr, out_ptr, seed: tl.i
         tl.store(out_ptr + u * F + j, tl.where(keep, g, tl.zeros_like(g)), mask=valid)
 
 
+def forward_warps(one_pass: bool, block_g: int) -> int:
+    """Warps of the forward: one per 512 columns of a one-pass tile (16 at 8192 columns; 8
+    warps there spilled), one per 256 of a streamed chunk (16 at 4096: with 8, ptxas kept 64
+    registers and reloaded a spilled value in the apply loop)."""
+    return num_warps(4 * block_g, 512 if one_pass else 256, 16)
+
+
 def _block_groups(groups: int, cap: int) -> int:
     """A power-of-two tile of at least MIN_GROUPS groups, at most ``cap`` (>= MIN_GROUPS)."""
     return max(MIN_GROUPS, min(max(cap, MIN_GROUPS), triton.next_power_of_2(groups)))
@@ -210,7 +216,7 @@ def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int, *,
             w2d, out, lim, packed if bits else out, seed, D, origin, row_stride, F,
             packed.shape[1] if bits else 0, k if select else 0, SELECT=select, ONE_PASS=one_pass, BITS=bits,
             ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g,
-            num_warps=num_warps(4 * block_g, 512, 16) if one_pass else num_warps(4 * block_g))
+            num_warps=forward_warps(one_pass, block_g))
     return out, lim, packed
 
 
