@@ -11,7 +11,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch==2.13.0
-	$(PIP) "triton>=3.4" numpy ninja pytest hypothesis pytest-benchmark scikit-learn matplotlib tqdm
+	$(PIP) "triton>=3.6" numpy ninja pytest hypothesis pytest-benchmark scikit-learn matplotlib tqdm
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)

@@ -32,7 +32,7 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 def _interpreter_index_fix() -> None:
-    """Let the interpreter of Triton < 3.7 run loops with runtime bounds under NumPy >= 2.4.
+    """Let Triton 3.6's interpreter run loops with runtime bounds under NumPy >= 2.4.
 
     Its scalars are 1-element 1-D arrays and ``tensor.__index__`` (what ``range(0, F, BLOCK)``
     calls) was ``int(data)``, which NumPy 2.4 refuses ("only 0-dimensional arrays can be
@@ -93,12 +93,6 @@ def _lane_words(seed, q):
     return tl.where(lane == 0, r0[:, None],
                     tl.where(lane == 1, r1[:, None],
                              tl.where(lane == 2, r2[:, None], r3[:, None])))
-
-
-@triton.jit
-def _dropped(seed, q, D):
-    """``word(p) < D`` on a ``[len(q), 4]`` tile; D is int64 so D == 2**32 drops every word."""
-    return _lane_words(seed, q).to(tl.int64) < D  # uint32 -> int64 zero-extends
 
 
 @triton.jit

@@ -53,68 +53,75 @@ BACKWARD_GROUPS = 1024       # columns per recompute-backward iteration: 4 * thi
 MIN_GROUPS = 8
 
 
-# Bits of the key fixed per radix round: 8 rounds of 16 bins.  tl.histogram lowers to warp
-# ballots, one per digit bit per element, plus per-bin popcounts over the bins a lane owns:
-# 256 bins cost ~60 instructions per element and round (x4 rounds) and hold 9 ballot masks
-# per element live, which spilled 8192-column tiles; 16 bins cost ~11 (x8 rounds).  The rounds
-# are a runtime loop (the shift a register), so the histogram code is emitted once.
-RADIX_BITS = tl.constexpr(4)
-RADIX_BINS = tl.constexpr(16)
-RADIX_ROUNDS = tl.constexpr(8)
+# Key bits fixed per radix round.  tl.histogram lowers to warp ballots, one per digit bit per
+# element, plus per-bin popcounts over the bins a lane owns: a 256-bin round costs ~60
+# instructions per element and holds 9 ballot masks per element live (it spilled 8192-column
+# register tiles), a 16-bin round ~11.  A tile held in registers therefore takes 8 rounds of 4
+# bits (~90 instructions per element instead of ~240); a streamed row, which re-reads memory
+# once per round, takes 4 rounds of 8 bits (5 reads of the row instead of 9).  The rounds are
+# a runtime loop (the shift a register), so the histogram code is emitted once.
+RESIDENT_RADIX_BITS = tl.constexpr(4)
+RESIDENT_RADIX_BINS = tl.constexpr(16)
+STREAMED_RADIX_BITS = tl.constexpr(8)
+STREAMED_RADIX_BINS = tl.constexpr(256)
 
 
 @triton.jit
-def _radix_hist(keys, valid, prefix, shift, N: tl.constexpr):
-    """Histogram of digit ``(key >> shift) % RADIX_BINS`` over the valid keys whose bits above
-    the digit equal prefix's (none are fixed in the first round, shift = 28)."""
-    above = (tl.full([], -1, tl.int64) << (shift + RADIX_BITS)).to(tl.int32)  # 0 when shift = 28
+def _radix_hist(keys, valid, prefix, shift, N: tl.constexpr, RB: tl.constexpr, NB: tl.constexpr):
+    """Histogram of the RB-bit digit ``(key >> shift) % NB`` (NB = 2**RB bins) over the valid keys whose bits
+    above the digit equal prefix's (none are fixed in the first round, shift = 32 - RB)."""
+    above = (tl.full([], -1, tl.int64) << (shift + RB)).to(tl.int32)  # 0 in the first round
     match = valid & (((keys ^ prefix) & above) == 0)
-    digit = (keys >> shift) & (RADIX_BINS - 1)
-    return tl.histogram(tl.reshape(digit, [N]), RADIX_BINS, mask=tl.reshape(match, [N]))
+    digit = (keys >> shift) & (NB - 1)
+    return tl.histogram(tl.reshape(digit, [N]), NB, mask=tl.reshape(match, [N]))
 
 
 @triton.jit
-def _radix_pick(hist, prefix, rank, shift):
+def _radix_pick(hist, prefix, rank, shift, NB: tl.constexpr):
     """Fix the digit whose bin holds 0-based ``rank``; return the new prefix and the rank
     within that bin."""
     cum = tl.cumsum(hist, 0)
     b = tl.sum((cum <= rank).to(tl.int32), 0)  # first bin with cum > rank
-    below = tl.sum(tl.where(tl.arange(0, RADIX_BINS) < b, hist, 0), 0)
+    below = tl.sum(tl.where(tl.arange(0, NB) < b, hist, 0), 0)
     return prefix | (b << shift), rank - below
 
 
 @triton.jit
 def _select_resident(keys, valid, k, N: tl.constexpr):
     """``t - 1`` for the key ``t`` at 0-based position k among the valid keys of a tile: a
-    radix select, one histogram per RADIX_BITS-bit digit from the top (bit 31 is always 0)."""
+    radix select, one histogram per digit from the top (bit 31 is always 0)."""
+    RB: tl.constexpr = RESIDENT_RADIX_BITS
+    NB: tl.constexpr = RESIDENT_RADIX_BINS
     rank = k + tl.zeros([], tl.int32)
     prefix = tl.zeros([], tl.int32)
-    for r in range(RADIX_ROUNDS):
-        shift = 32 - RADIX_BITS - RADIX_BITS * r
-        prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, shift, N), prefix, rank, shift)
+    for r in range(32 // RB):
+        shift = 32 - RB - RB * r
+        prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, shift, N, RB, NB), prefix, rank, shift, NB)
     return prefix - 1
 
 
 @triton.jit
-def _streamed_hist(row, F, prefix, shift, BLOCK_G: tl.constexpr):
+def _streamed_hist(row, F, prefix, shift, BLOCK_G: tl.constexpr, RB: tl.constexpr, NB: tl.constexpr):
     """``_radix_hist`` over the ``F`` keys at ``row``, read chunk by chunk (one pass)."""
-    hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
+    hist = tl.zeros([NB], dtype=tl.int32)
     for c0 in range(0, F, 4 * BLOCK_G):
         j = c0 + _cols(BLOCK_G)
         valid = j < F
         keys = _key(tl.load(row + j, mask=valid, other=0))
-        hist += _radix_hist(keys, valid, prefix, shift, 4 * BLOCK_G)
+        hist += _radix_hist(keys, valid, prefix, shift, 4 * BLOCK_G, RB, NB)
     return hist
 
 
 @triton.jit
 def _select_streamed(row, F, k, BLOCK_G: tl.constexpr):
     """``_select_resident`` over ``F`` keys in memory: one pass per radix round."""
+    RB: tl.constexpr = STREAMED_RADIX_BITS
+    NB: tl.constexpr = STREAMED_RADIX_BINS
     rank = k + tl.zeros([], tl.int32)
     prefix = tl.zeros([], tl.int32)
-    for r in range(RADIX_ROUNDS):
-        shift = 32 - RADIX_BITS - RADIX_BITS * r
-        prefix, rank = _radix_pick(_streamed_hist(row, F, prefix, shift, BLOCK_G), prefix, rank, shift)
+    for r in range(32 // RB):
+        shift = 32 - RB - RB * r
+        prefix, rank = _radix_pick(_streamed_hist(row, F, prefix, shift, BLOCK_G, RB, NB), prefix, rank, shift, NB)
     return prefix - 1
 
 
