@@ -214,7 +214,7 @@ def test_weight_streamed_path(dtype, monkeypatch):
     a window with unaligned row starts and with a given limit."""
     gen = torch.Generator().manual_seed(3)
     w = special_rows(3, 45, dtype, gen)
-    ks = (5, 44, 45)
+    ks = (5, 45)
     resident = [wd.weight_dropout(w, 99, k, D_HALF, bits=True) for k in ks]
     set_knobs(monkeypatch, STREAMED_KNOBS)
     for (out, limit, bits), k in zip(resident, ks):
@@ -334,9 +334,9 @@ def test_nm_matches_reference(n, m):
     w = special_rows(3, groups * m, dtype, gen)
     w[0, :m] = 0.5   # a whole group tied
     w[1, :m] = -0.0
-    for window in (None, shard_window(groups * m, 2 * m, m), shard_window(groups * m, 3, 3)):
-        for D in (D_HALF, D_ALL):
-            check_nm(w, 2026 + m, n, m, D, window=window)
+    for window, D in ((None, D_HALF), (shard_window(groups * m, 2 * m, m), D_ALL),
+                      (shard_window(groups * m, 3, 3), D_HALF)):  # aligned and unaligned rows
+        check_nm(w, 2026 + m, n, m, D, window=window)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -356,11 +356,10 @@ def test_nm_long_rows_and_many_chunks(monkeypatch):
     straddle chunk boundaries."""
     monkeypatch.setattr(nd, "NM_GROUPS", 8)
     w = special_rows(2, 7 * 15, torch.float32, torch.Generator().manual_seed(7))
-    for n, m in ((3, 7), (2, 5), (9, 15), (2, 4)):
-        if w.shape[1] % m == 0:
-            check_nm(w, 11, n, m, D_HALF, window=shard_window(w.shape[1], 1, 1))
+    for n, m in ((3, 7), (9, 15)):
+        check_nm(w, 11, n, m, D_HALF, window=shard_window(w.shape[1], 1, 1))
     w = special_rows(2, 96, torch.bfloat16, torch.Generator().manual_seed(8))
-    for n, m in ((1, 16), (2, 4), (5, 6)):
+    for n, m in ((1, 16), (5, 6)):
         check_nm(w, 11, n, m, D_HALF)
 
 

@@ -9,7 +9,7 @@
      used to differ by up to 1e-5 relative at F = 2**22).
   2. ``_unit_keep_kernel``: ONE program selects over the U norm keys (float32 bits with the
      sign cleared: NaN above +inf, as ``reference.unit_keep``) with the weight kernels' radix
-     select (``weight_dropout._select_streamed``: four passes over the 4U bytes of norms, from
+     select (``weight_dropout._select``: four passes over the 4U bytes of norms, from
      L2), then draws ``word(u)`` (one Philox call per 4 units) and writes ``keep[u]``.  One
      small launch instead of the sort and the handful of torch ops that preceded it (fixed
      cost that dominated small weights).
@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._common import (KEY_MAX, MAX_GRID_1, _cols, _key, _tile_dropped, _to_f32, check_count,
                       check_drop_threshold, check_seed, check_w2d, device_guard, num_warps)
-from .weight_dropout import _select_streamed
+from .weight_dropout import _select
 
 __all__ = ["unit_dropout", "unit_dropout_backward"]
 
@@ -59,7 +59,7 @@ def _unit_keep_kernel(norm_ptr, keep_ptr, U, k, fixed_limit, seed: tl.int64, D: 
     """One program: the limit key over all U norms (or ``fixed_limit`` when k is 0 or U),
     then ``keep[u] = not (key(norm_u) <= limit and word(u) < D)``."""
     if SELECT:
-        limit = _select_streamed(norm_ptr, U, k, BLOCK_G)
+        limit = _select(norm_ptr, 0, U, k, BLOCK_G, False)
     else:
         limit = fixed_limit
     for c0 in range(0, U, 4 * BLOCK_G):

@@ -87,20 +87,6 @@ def _radix_pick(hist, prefix, rank, shift, NB: tl.constexpr):
 
 
 @triton.jit
-def _select_resident(keys, valid, k, N: tl.constexpr):
-    """``t - 1`` for the key ``t`` at 0-based position k among the valid keys of a tile: a
-    radix select, one histogram per digit from the top (bit 31 is always 0)."""
-    RB: tl.constexpr = RESIDENT_RADIX_BITS
-    NB: tl.constexpr = RESIDENT_RADIX_BINS
-    rank = k + tl.zeros([], tl.int32)
-    prefix = tl.zeros([], tl.int32)
-    for r in range(32 // RB):
-        shift = 32 - RB - RB * r
-        prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, shift, N, RB, NB), prefix, rank, shift, NB)
-    return prefix - 1
-
-
-@triton.jit
 def _streamed_hist(row, F, prefix, shift, BLOCK_G: tl.constexpr, RB: tl.constexpr, NB: tl.constexpr):
     """``_radix_hist`` over the ``F`` keys at ``row``, read chunk by chunk (one pass)."""
     hist = tl.zeros([NB], dtype=tl.int32)
@@ -113,15 +99,22 @@ def _streamed_hist(row, F, prefix, shift, BLOCK_G: tl.constexpr, RB: tl.constexp
 
 
 @triton.jit
-def _select_streamed(row, F, k, BLOCK_G: tl.constexpr):
-    """``_select_resident`` over ``F`` keys in memory: one pass per radix round."""
-    RB: tl.constexpr = STREAMED_RADIX_BITS
-    NB: tl.constexpr = STREAMED_RADIX_BINS
+def _select(src, valid, F, k, BLOCK_G: tl.constexpr, RESIDENT: tl.constexpr):
+    """``t - 1`` for the key ``t`` at 0-based position k: a radix select, one histogram per
+    digit from the top (bit 31 of a key is always 0).  RESIDENT: ``src`` is a ``[BLOCK_G, 4]``
+    tile of keys (``valid`` its mask), 4-bit digits; else ``src`` points at ``F`` values read
+    once per round in chunks of ``4 * BLOCK_G``, 8-bit digits."""
+    RB: tl.constexpr = RESIDENT_RADIX_BITS if RESIDENT else STREAMED_RADIX_BITS
+    NB: tl.constexpr = RESIDENT_RADIX_BINS if RESIDENT else STREAMED_RADIX_BINS
     rank = k + tl.zeros([], tl.int32)
     prefix = tl.zeros([], tl.int32)
     for r in range(32 // RB):
         shift = 32 - RB - RB * r
-        prefix, rank = _radix_pick(_streamed_hist(row, F, prefix, shift, BLOCK_G, RB, NB), prefix, rank, shift, NB)
+        if RESIDENT:
+            hist = _radix_hist(src, valid, prefix, shift, 4 * BLOCK_G, RB, NB)
+        else:
+            hist = _streamed_hist(src, F, prefix, shift, BLOCK_G, RB, NB)
+        prefix, rank = _radix_pick(hist, prefix, rank, shift, NB)
     return prefix - 1
 
 
@@ -142,7 +135,7 @@ def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, 
         x = tl.load(row + j, mask=valid, other=0)
         keys = _key(x)
         if SELECT:
-            limit = _select_resident(keys, valid, k, 4 * BLOCK_G)
+            limit = _select(keys, valid, F, k, BLOCK_G, True)
             tl.store(limit_ptr + u, limit)
         else:
             limit = tl.load(limit_ptr + u)
@@ -152,7 +145,7 @@ def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, 
             _store_bits(bits_row, 0, keep & valid, NW, BLOCK_G)
     else:
         if SELECT:
-            limit = _select_streamed(row, F, k, BLOCK_G)
+            limit = _select(row, 0, F, k, BLOCK_G, False)
             tl.store(limit_ptr + u, limit)
         else:
             limit = tl.load(limit_ptr + u)
