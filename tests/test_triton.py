@@ -174,7 +174,7 @@ def test_spec_worked_example():
 
 # ---- weight targeting ----------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("U,F", [(1, 1), (4, 1), (1, 7), (3, 8), (5, 13), (2, 67)])
+@pytest.mark.parametrize("U,F", [(1, 1), (4, 7), (5, 13), (2, 67)])
 def test_weight_matches_reference(dtype, U, F):
     gen = torch.Generator().manual_seed(U * 1000 + F)
     w = special_rows(U, F, dtype, gen)
@@ -247,7 +247,7 @@ def test_weight_million_row_cuda():
     check_weight(w, 1, 600_000, D_HALF)
 
 
-@settings(deadline=None, max_examples=25)
+@settings(deadline=None, max_examples=20)
 @given(U=st.integers(1, 4), F=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
        seed=st.integers(0, 2**63 - 1), targ=st.floats(0, 1), drop=st.floats(0, 1),
        streamed=st.booleans(), data=st.data())
@@ -363,7 +363,7 @@ def test_nm_long_rows_and_many_chunks(monkeypatch):
         check_nm(w, 11, n, m, D_HALF)
 
 
-@settings(deadline=None, max_examples=20)
+@settings(deadline=None, max_examples=15)
 @given(nm=st.sampled_from(NM_PAIRS), U=st.integers(1, 3), groups=st.integers(1, 6),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**63 - 1), drop=st.floats(0, 1),
        data=st.data())
