@@ -183,6 +183,9 @@ def compiled(tmp_path_factory):
         if line.startswith("{"):
             r = json.loads(line)
             results[r["name"]] = r
+    if os.environ.get("TD_AOT_REPORT"):  # registers and spills per variant, for the notes
+        with open(os.environ["TD_AOT_REPORT"], "w") as f:
+            json.dump(results, f, indent=1)
     return results
 
 
