@@ -2,24 +2,26 @@
 
 Tiles are anchored on a row's local columns (``_common``): a ``[BLOCK_G, 4]`` tile holds
 columns ``c0 .. c0 + 4 * BLOCK_G``, its words come from ``_tile_words`` at the row's global
-start ``s_u = origin + u * row_stride`` (one Philox per 4 elements when ``s_u % 4 == 0``, two
-otherwise), and its keep bits pack into whole int32 words that no other program touches.
+start ``s_u = origin + u * row_stride`` (one Philox per 4 elements when every row starts
+4-aligned, two otherwise), and its keep bits pack into whole int32 words that no other program
+touches.
 
 Forward, one program per unit ``u``:
-  1. the row's threshold key ``t_u`` (0-based position k in ascending key order) by an 8-bit
-     RADIX SELECT, not a sort: four rounds over the key digits (bits 30..24, 23..16, 15..8,
-     7..0); each round takes a 256-bin ``tl.histogram`` of the digit over the keys matching
-     the prefix fixed so far, a ``tl.cumsum`` over the bins, and picks the bin holding rank k.
-     O(4 F) work per row whatever the keys.  ``limit[u] = t_u - 1`` (strict ``key < t_u``).
-     A ``limit`` passed in (the sharded path, k == 0 or k == F) skips this step;
+  1. the row's threshold key ``t_u`` (0-based position k in ascending key order) by a RADIX
+     SELECT, not a sort: per round a ``tl.histogram`` of the next key digit over the keys
+     matching the prefix fixed so far, a ``tl.cumsum`` over the bins, and the bin holding
+     rank k.  Register tiles take 8 rounds of 4-bit digits, streamed rows 4 rounds of 8-bit
+     digits (see RESIDENT_RADIX_BITS).  O(F) work per round whatever the keys.  ``limit[u] =
+     t_u - 1`` (strict ``key < t_u``).  A ``limit`` passed in (the sharded path, k == 0 or
+     k == F) skips this step;
   2. ``drop = key <= limit[u] and word(s_u + j) < D``; ``out = where(drop, +0.0, w)``;
   3. with ``BITS``, the keep mask packed 1 bit per element into ``bits[u, j // 32]``.
 Memory traffic per element (e = element bytes): rows of at most ``4 * MAX_ONE_PASS_GROUPS``
 columns stay in registers: read W once, write out once: 2e, plus 1/8 byte with bits and 4
 bytes of limit per row.  Longer rows stream in chunks of ``4 * CHUNK_GROUPS`` columns: one
-read pass per radix round (skipped with a given limit) and one apply pass: 5e reads + e write
-(the later passes mostly hit L2 for rows of a few MB).  Both paths compute the same keys,
-histograms and words, hence the same bits.
+read pass per radix round (none with a given limit) and one apply pass: 5e reads + e write
+(the later passes mostly hit L2 for rows of a few MB).  Both paths select the same exact k-th
+key and draw the same words, hence give the same bits.
 
 Backward, grid (U, column chunks):
   * from ``bits`` (``_common._bits_backward_kernel``): reads grad and the bits only, e + 1/8
