@@ -7,13 +7,12 @@ start ``s_u = origin + u * row_stride`` (one Philox per 4 elements when every ro
 touches.
 
 Forward, one program per unit ``u``:
-  1. the row's threshold key ``t_u`` (0-based position k in ascending key order) by a RADIX
-     SELECT, not a sort: per round a ``tl.histogram`` of the next key digit over the keys
-     matching the prefix fixed so far, a ``tl.cumsum`` over the bins, and the bin holding
-     rank k.  Register tiles take 8 rounds of 4-bit digits, streamed rows 4 rounds of 8-bit
-     digits (see RESIDENT_RADIX_BITS).  O(F) work per round whatever the keys.  ``limit[u] =
-     t_u - 1`` (strict ``key < t_u``).  A ``limit`` passed in (the sharded path, k == 0 or
-     k == F) skips this step;
+  1. the row's threshold key ``t_u`` (0-based position k in ascending key order) by an 8-bit
+     RADIX SELECT, not a sort: four rounds over the key digits (bits 30..24, 23..16, 15..8,
+     7..0); each round takes a 256-bin ``tl.histogram`` of the digit over the keys matching
+     the prefix fixed so far, a ``tl.cumsum`` over the bins, and picks the bin holding rank k.
+     O(4 F) work per row whatever the keys.  ``limit[u] = t_u - 1`` (strict ``key < t_u``).
+     A ``limit`` passed in (the sharded path, k == 0 or k == F) skips this step;
   2. ``drop = key <= limit[u] and word(s_u + j) < D``; ``out = where(drop, +0.0, w)``;
   3. with ``BITS``, the keep mask packed 1 bit per element into ``bits[u, j // 32]``.
 Memory traffic per element (e = element bytes): rows of at most ``4 * MAX_ONE_PASS_GROUPS``
@@ -55,68 +54,62 @@ BACKWARD_GROUPS = 1024       # columns per recompute-backward iteration: 4 * thi
 MIN_GROUPS = 8
 
 
-# Key bits fixed per radix round.  tl.histogram lowers to warp ballots, one per digit bit per
-# element, plus per-bin popcounts over the bins a lane owns: a 256-bin round costs ~60
-# instructions per element and holds 9 ballot masks per element live (it spilled 8192-column
-# register tiles), a 16-bin round ~11.  A tile held in registers therefore takes 8 rounds of 4
-# bits (~90 instructions per element instead of ~240); a streamed row, which re-reads memory
-# once per round, takes 4 rounds of 8 bits (5 reads of the row instead of 9).  The rounds are
-# a runtime loop (the shift a register), so the histogram code is emitted once.
-RESIDENT_RADIX_BITS = tl.constexpr(4)
-RESIDENT_RADIX_BINS = tl.constexpr(16)
-STREAMED_RADIX_BITS = tl.constexpr(8)
-STREAMED_RADIX_BINS = tl.constexpr(256)
+# Key bits fixed per radix round: 4 rounds of 256 bins (bit 31 of a key is always 0).  The
+# rounds are a runtime loop (the shift a register), so the histogram code is emitted once:
+# unrolled rounds made ptxas spill 8192-column register tiles and compiled 2-4x slower.
+# (16-bin rounds were tried: no fewer registers once unrolling was gone, twice the rounds, and
+# no clear gain in PTX instructions per key; see docs/notes/triton.md.)
+RADIX_BITS = tl.constexpr(8)
+RADIX_BINS = tl.constexpr(256)
 
 
 @triton.jit
-def _radix_hist(keys, valid, prefix, shift, N: tl.constexpr, RB: tl.constexpr, NB: tl.constexpr):
-    """Histogram of the RB-bit digit ``(key >> shift) % NB`` (NB = 2**RB bins) over the valid keys whose bits
-    above the digit equal prefix's (none are fixed in the first round, shift = 32 - RB)."""
-    above = (tl.full([], -1, tl.int64) << (shift + RB)).to(tl.int32)  # 0 in the first round
+def _radix_hist(keys, valid, prefix, shift, N: tl.constexpr):
+    """Histogram of the digit ``(key >> shift) % RADIX_BINS`` over the valid keys whose bits
+    above the digit equal prefix's (none are fixed in the first round, shift = 24)."""
+    above = (tl.full([], -1, tl.int64) << (shift + RADIX_BITS)).to(tl.int32)  # 0 in the first round
     match = valid & (((keys ^ prefix) & above) == 0)
-    digit = (keys >> shift) & (NB - 1)
-    return tl.histogram(tl.reshape(digit, [N]), NB, mask=tl.reshape(match, [N]))
+    digit = (keys >> shift) & (RADIX_BINS - 1)
+    return tl.histogram(tl.reshape(digit, [N]), RADIX_BINS, mask=tl.reshape(match, [N]))
 
 
 @triton.jit
-def _radix_pick(hist, prefix, rank, shift, NB: tl.constexpr):
+def _radix_pick(hist, prefix, rank, shift):
     """Fix the digit whose bin holds 0-based ``rank``; return the new prefix and the rank
     within that bin."""
     cum = tl.cumsum(hist, 0)
     b = tl.sum((cum <= rank).to(tl.int32), 0)  # first bin with cum > rank
-    below = tl.sum(tl.where(tl.arange(0, NB) < b, hist, 0), 0)
+    below = tl.sum(tl.where(tl.arange(0, RADIX_BINS) < b, hist, 0), 0)
     return prefix | (b << shift), rank - below
 
 
 @triton.jit
-def _streamed_hist(row, F, prefix, shift, BLOCK_G: tl.constexpr, RB: tl.constexpr, NB: tl.constexpr):
+def _streamed_hist(row, F, prefix, shift, BLOCK_G: tl.constexpr):
     """``_radix_hist`` over the ``F`` keys at ``row``, read chunk by chunk (one pass)."""
-    hist = tl.zeros([NB], dtype=tl.int32)
+    hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
     for c0 in range(0, F, 4 * BLOCK_G):
         j = c0 + _cols(BLOCK_G)
         valid = j < F
         keys = _key(tl.load(row + j, mask=valid, other=0))
-        hist += _radix_hist(keys, valid, prefix, shift, 4 * BLOCK_G, RB, NB)
+        hist += _radix_hist(keys, valid, prefix, shift, 4 * BLOCK_G)
     return hist
 
 
 @triton.jit
 def _select(src, valid, F, k, BLOCK_G: tl.constexpr, RESIDENT: tl.constexpr):
     """``t - 1`` for the key ``t`` at 0-based position k: a radix select, one histogram per
-    digit from the top (bit 31 of a key is always 0).  RESIDENT: ``src`` is a ``[BLOCK_G, 4]``
-    tile of keys (``valid`` its mask), 4-bit digits; else ``src`` points at ``F`` values read
-    once per round in chunks of ``4 * BLOCK_G``, 8-bit digits."""
-    RB: tl.constexpr = RESIDENT_RADIX_BITS if RESIDENT else STREAMED_RADIX_BITS
-    NB: tl.constexpr = RESIDENT_RADIX_BINS if RESIDENT else STREAMED_RADIX_BINS
+    8-bit digit from the top.  RESIDENT: ``src`` is a ``[BLOCK_G, 4]`` tile of keys
+    (``valid`` its mask); else ``src`` points at ``F`` values read once per round in chunks of
+    ``4 * BLOCK_G``."""
     rank = k + tl.zeros([], tl.int32)
     prefix = tl.zeros([], tl.int32)
-    for r in range(32 // RB):
-        shift = 32 - RB - RB * r
+    for r in range(32 // RADIX_BITS):
+        shift = 32 - RADIX_BITS - RADIX_BITS * r
         if RESIDENT:
-            hist = _radix_hist(src, valid, prefix, shift, 4 * BLOCK_G, RB, NB)
+            hist = _radix_hist(src, valid, prefix, shift, 4 * BLOCK_G)
         else:
-            hist = _streamed_hist(src, F, prefix, shift, BLOCK_G, RB, NB)
-        prefix, rank = _radix_pick(hist, prefix, rank, shift, NB)
+            hist = _streamed_hist(src, F, prefix, shift, BLOCK_G)
+        prefix, rank = _radix_pick(hist, prefix, rank, shift)
     return prefix - 1
 
 
