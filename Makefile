@@ -11,7 +11,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch==2.13.0
-	$(PIP) "triton>=3.4" numpy ninja pytest hypothesis pytest-benchmark scikit-learn matplotlib tqdm
+	$(PIP) "triton>=3.6" numpy ninja pytest hypothesis pytest-benchmark scikit-learn matplotlib tqdm
 	touch $@
 
 # td.shrink_model's dependency graph (torch-pruning) and the Llama tests (transformers): neither

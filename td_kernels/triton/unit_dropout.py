@@ -1,6 +1,5 @@
-"""Unit targeting in Triton (SPEC sections 4-7).
+"""Unit targeting in Triton (SPEC sections 4-7): three launches, no torch ops between them.
 
-Forward, three steps:
   1. ``_row_norms_kernel``: one program per unit reads the row once in chunks, summing the
      squares in float64 (exact squares, BLOCK lane sums, then a tree sum), then an IEEE
      float64 sqrt rounded once to float32, as ``reference.unit_norms``.  The summation order
@@ -8,14 +7,17 @@ Forward, three steps:
      a float32 ulp: the float32 norms are the reference's bit for bit unless a sum lies that
      close to a float32 rounding boundary (so backends rank the same units; float32 sums
      used to differ by up to 1e-5 relative at F = 2**22).
-  2. selection over the U norms with torch ops on the U-vector (U is small): keys are the
-     float32 bit patterns with the sign bit cleared (NaN above +inf, as
-     ``reference.unit_keep``), the threshold key is found by ``torch.sort`` (O(U log U),
-     on the device, no host synchronisation), then ``_unit_keep_kernel`` draws
-     ``word(u)`` (one Philox call per 4 units) and writes ``keep[u]``.
+  2. ``_unit_keep_kernel``: ONE program selects over the U norm keys (float32 bits with the
+     sign cleared: NaN above +inf, as ``reference.unit_keep``) with the weight kernels' radix
+     select (``weight_dropout._select``: four passes over the 4U bytes of norms, from
+     L2), then draws ``word(u)`` (one Philox call per 4 units) and writes ``keep[u]``.  One
+     small launch instead of the sort and the handful of torch ops that preceded it (fixed
+     cost that dominated small weights).
   3. ``_rows_where_kernel``: ``out = where(keep[u], w, +0.0)``; reads only the kept rows,
      writes every row once.
-So W is read at most twice and ``out`` written once; the backward is step 3 on grad.
+Memory traffic per element (e = element bytes): forward reads W at most twice (norms, then
+the kept rows) and writes out once: <= 3e; plus O(U) bytes for norms and flags.  The backward
+is step 3 on grad: <= 2e.
 """
 from __future__ import annotations
 
@@ -23,14 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KEY_MAX, MAX_GRID_1, _dropped, _to_f32, check_count, check_drop_threshold,
-                      check_seed, check_w2d, device_guard, num_warps)
+from ._common import (KEY_MAX, MAX_GRID_1, _cols, _key, _tile_dropped, _to_f32, check_count,
+                      check_drop_threshold, check_seed, check_w2d, device_guard, num_warps)
+from .weight_dropout import _select
 
 __all__ = ["unit_dropout", "unit_dropout_backward"]
 
-NORM_BLOCK = 4096      # elements per iteration of the norm kernel
+NORM_BLOCK = 2048      # elements per iteration of the norm kernel (4096: float64 sums spilled on sm_80)
 ROWS_BLOCK = 4096      # elements per iteration of the row-select kernel
-KEEP_GROUPS = 256      # 4-unit groups per program of the keep kernel
+KEEP_GROUPS = 1024     # 4-unit groups per iteration of the (single-program) keep kernel
 
 
 @triton.jit
@@ -50,15 +53,21 @@ def _row_norms_kernel(w_ptr, norm_ptr, F, BLOCK: tl.constexpr):
     tl.store(norm_ptr + u, tl.where(s != s, nan, tl.sqrt(s).to(tl.float32)))
 
 
-@triton.jit(do_not_specialize=["seed", "D"])
-def _unit_keep_kernel(norm_ptr, limit_ptr, keep_ptr, U, seed: tl.int64, D: tl.int64,
-                      BLOCK_Q: tl.constexpr):
-    q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    u = q[:, None] * 4 + tl.arange(0, 4)[None, :]       # stream position p = u
-    valid = u < U
-    keys = tl.load(norm_ptr + u, mask=valid, other=0).to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    drop = (keys.to(tl.int64) <= tl.load(limit_ptr)) & _dropped(seed, q, D)
-    tl.store(keep_ptr + u, (~drop).to(tl.uint8), mask=valid)
+@triton.jit(do_not_specialize=["seed", "D", "k", "fixed_limit"])
+def _unit_keep_kernel(norm_ptr, keep_ptr, U, k, fixed_limit, seed: tl.int64, D: tl.int64,
+                      SELECT: tl.constexpr, BLOCK_G: tl.constexpr):
+    """One program: the limit key over all U norms (or ``fixed_limit`` when k is 0 or U),
+    then ``keep[u] = not (key(norm_u) <= limit and word(u) < D)``."""
+    if SELECT:
+        limit = _select(norm_ptr, 0, U, k, BLOCK_G, False)
+    else:
+        limit = fixed_limit
+    for c0 in range(0, U, 4 * BLOCK_G):
+        u = c0 + _cols(BLOCK_G)
+        valid = u < U
+        keys = _key(tl.load(norm_ptr + u, mask=valid, other=0))
+        drop = (keys <= limit) & _tile_dropped(seed, c0, D, True, BLOCK_G)   # stream position p = u
+        tl.store(keep_ptr + u, (~drop).to(tl.uint8), mask=valid)
 
 
 @triton.jit
@@ -96,17 +105,6 @@ def unit_norms(w2d: torch.Tensor) -> torch.Tensor:
     return norms
 
 
-def _limit(norms: torch.Tensor, k: int) -> torch.Tensor:
-    """int64 ``[1]``: unit u is a candidate iff key(norm_u) <= limit (strict < threshold key)."""
-    U = norms.shape[0]
-    if k == 0:
-        return torch.full((1,), -1, dtype=torch.int64, device=norms.device)
-    if k == U:
-        return torch.full((1,), KEY_MAX, dtype=torch.int64, device=norms.device)
-    keys = norms.view(torch.int32).to(torch.int64) & KEY_MAX
-    return torch.sort(keys).values[k:k + 1] - 1
-
-
 def unit_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int):
     """SPEC unit targeting on ``w2d = w.reshape(U, F)``; returns ``(out2d, keep bool[U])``."""
     check_w2d(w2d)
@@ -117,10 +115,11 @@ def unit_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int):
     if U == 0:
         return w2d.clone(), keep.view(torch.bool)
     norms = unit_norms(w2d)
-    block_q = min(KEEP_GROUPS, triton.next_power_of_2(triton.cdiv(U, 4)))
+    block_g = min(KEEP_GROUPS, triton.next_power_of_2(triton.cdiv(U, 4)))
     with device_guard(w2d):
-        _unit_keep_kernel[(triton.cdiv(triton.cdiv(U, 4), block_q),)](
-            norms, _limit(norms, k), keep, U, seed, D, BLOCK_Q=block_q)
+        _unit_keep_kernel[(1,)](norms, keep, U, k if 0 < k < U else 0, -1 if k == 0 else KEY_MAX,
+                                seed, D, SELECT=0 < k < U, BLOCK_G=block_g,
+                                num_warps=num_warps(4 * block_g))
     return _rows_where(w2d, keep), keep.view(torch.bool)
 
 

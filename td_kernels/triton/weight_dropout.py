@@ -1,26 +1,36 @@
-"""Weight targeting in Triton (SPEC sections 2-7): fused forward and a mask-free backward.
+"""Weight targeting in Triton (SPEC sections 2-7, 12): fused forward, two backwards.
 
-Forward, one program per unit (row ``u``, flat indices ``[u*F, u*F + F)``):
-  1. find the row's threshold key ``t_u`` (0-based position k in ascending key order) by an
-     8-bit RADIX SELECT, not a sort: four rounds over the key digits (bits 30..24, 23..16,
-     15..8, 7..0); each round takes a 256-bin ``tl.histogram`` of the digit over the keys
-     that match the prefix fixed so far, a ``tl.cumsum`` over the 256 bins, and picks the
-     bin holding rank k.  Cost: 4 histograms of F elements + 4 scans of 256 bins per row,
-     i.e. O(4 F) work, independent of the key distribution;
-  2. draw ``word(i)`` with one ``tl.randint4x`` call per 4 elements (``_common._dropped``);
-  3. ``out = where(key <= t_u - 1 and word < D, +0.0, w)``; store ``limit[u] = t_u - 1``.
-Rows of at most ``4 * MAX_ONE_PASS_GROUPS - 3`` elements stay in registers: W is read once
-and ``out`` written once (+ 4 bytes of ``limit`` per row).  Longer rows stream through the
-row in chunks of ``4 * CHUNK_GROUPS`` elements: one pass per radix round (skipped when
-k == F) and one apply pass, so W is read 5 times, ``out`` written once.  Both paths compute
-the same keys, histograms and words, hence the same bits.
+Tiles are anchored on a row's local columns (``_common``): a ``[BLOCK_G, 4]`` tile holds
+columns ``c0 .. c0 + 4 * BLOCK_G``, its words come from ``_tile_words`` at the row's global
+start ``s_u = origin + u * row_stride`` (one Philox per 4 elements when every row starts
+4-aligned, two otherwise), and its keep bits pack into whole int32 words that no other program
+touches.
 
-Backward: the forward saves only ``limit`` (int32, 4 bytes per unit, no mask); the backward
-recomputes ``keep`` from W's keys, ``limit`` and the seed: reads W and grad once, writes
-grad_w once (grad is not read where the element was dropped).
+Forward, one program per unit ``u``:
+  1. the row's threshold key ``t_u`` (0-based position k in ascending key order) by an 8-bit
+     RADIX SELECT, not a sort: four rounds over the key digits (bits 30..24, 23..16, 15..8,
+     7..0); each round takes a 256-bin ``tl.histogram`` of the digit over the keys matching
+     the prefix fixed so far, a ``tl.cumsum`` over the bins, and picks the bin holding rank k.
+     O(4 F) work per row whatever the keys.  ``limit[u] = t_u - 1`` (strict ``key < t_u``).
+     A ``limit`` passed in (the sharded path, k == 0 or k == F) skips this step;
+  2. ``drop = key <= limit[u] and word(s_u + j) < D``; ``out = where(drop, +0.0, w)``;
+  3. with ``BITS``, the keep mask packed 1 bit per element into ``bits[u, j // 32]``.
+Memory traffic per element (e = element bytes): rows of at most ``4 * MAX_ONE_PASS_GROUPS``
+columns stay in registers: read W once, write out once: 2e, plus 1/8 byte with bits and 4
+bytes of limit per row.  Longer rows stream in chunks of ``4 * CHUNK_GROUPS`` columns: one
+read pass per radix round (none with a given limit) and one apply pass: 5e reads + e write
+(the later passes mostly hit L2 for rows of a few MB).  Both paths select the same exact k-th
+key and draw the same words, hence give the same bits.
 
-The seed and D are runtime int64 arguments that Triton does not specialise on, so a new
-seed or rate reuses the compiled kernel.
+Backward, grid (U, column chunks):
+  * from ``bits`` (``_common._bits_backward_kernel``): reads grad and the bits only, e + 1/8
+    byte read, e written;
+  * by recompute: W's keys, ``limit`` and the seed give keep again; reads W and grad, writes
+    grad_w: 3e per element.  grad is loaded plainly (a non-data-dependent mask, so the load
+    vectorises) and the select comes after.
+
+The seed, D, origin and row_stride are runtime int64 arguments that Triton does not
+specialise on: a new seed, rate or shard reuses the compiled kernel.
 """
 from __future__ import annotations
 
@@ -28,165 +38,202 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KEY_MAX, MAX_GRID_1, _dropped, _key, check_count, check_drop_threshold,
-                      check_seed, check_w2d, device_guard, num_warps)
+from ..reference import check_window
+from ._common import (KEY_MAX, _cols, _key, _store_bits, aligned, _tile_dropped, bits_backward, check_count,
+                      check_drop_threshold, check_limit, check_grad, check_seed, check_w2d, device_guard,
+                      launch_chunks, new_bits, num_warps)
 
 __all__ = ["weight_dropout", "weight_dropout_backward"]
 
 # Tuning knobs, read at each launch (tests lower them to reach the streamed path on small
-# shapes). A group is 4 consecutive elements, the unit of one Philox call.
-MAX_ONE_PASS_GROUPS = 2048   # rows up to 8189 elements are selected from registers
-CHUNK_GROUPS = 1024          # elements per chunk of the streamed path: 4 * this
-BACKWARD_GROUPS = 1024       # elements per backward program iteration: 4 * this
+# shapes). A group is 4 consecutive columns, the unit of one Philox call; every block holds at
+# least 8 groups so that its columns are whole 32-bit mask words.
+MAX_ONE_PASS_GROUPS = 2048   # rows of up to 8192 columns are selected from registers
+CHUNK_GROUPS = 1024          # columns per chunk of the streamed path: 4 * this
+BACKWARD_GROUPS = 1024       # columns per recompute-backward iteration: 4 * this
+MIN_GROUPS = 8
+
+
+# Key bits fixed per radix round: 4 rounds of 256 bins (bit 31 of a key is always 0).  The
+# rounds are a runtime loop (the shift a register), so the histogram code is emitted once:
+# unrolled rounds made ptxas spill 8192-column register tiles and compiled 2-4x slower.
+# (16-bin rounds were tried: no fewer registers once unrolling was gone, twice the rounds, and
+# no clear gain in PTX instructions per key; see docs/notes/triton.md.)
+RADIX_BITS = tl.constexpr(8)
+RADIX_BINS = tl.constexpr(256)
 
 
 @triton.jit
-def _radix_hist(keys, valid, prefix, SHIFT: tl.constexpr, N: tl.constexpr):
-    """256-bin histogram of digit ``(key >> SHIFT) & 255`` over valid keys whose bits above
-    SHIFT + 8 equal prefix's."""
-    if SHIFT == 24:  # first round: bit 31 is always 0, nothing fixed yet
-        match = valid
-    else:
-        match = valid & ((keys >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-    digit = (keys >> SHIFT) & 0xFF
-    return tl.histogram(tl.reshape(digit, [N]), 256, mask=tl.reshape(match, [N]))
+def _radix_hist(keys, valid, prefix, shift, N: tl.constexpr):
+    """Histogram of the digit ``(key >> shift) % RADIX_BINS`` over the valid keys whose bits
+    above the digit equal prefix's (none are fixed in the first round, shift = 24)."""
+    above = (tl.full([], -1, tl.int64) << (shift + RADIX_BITS)).to(tl.int32)  # 0 in the first round
+    match = valid & (((keys ^ prefix) & above) == 0)
+    digit = (keys >> shift) & (RADIX_BINS - 1)
+    return tl.histogram(tl.reshape(digit, [N]), RADIX_BINS, mask=tl.reshape(match, [N]))
 
 
 @triton.jit
-def _radix_pick(hist, prefix, rank, SHIFT: tl.constexpr):
+def _radix_pick(hist, prefix, rank, shift):
     """Fix the digit whose bin holds 0-based ``rank``; return the new prefix and the rank
     within that bin."""
     cum = tl.cumsum(hist, 0)
     b = tl.sum((cum <= rank).to(tl.int32), 0)  # first bin with cum > rank
-    below = tl.sum(tl.where(tl.arange(0, 256) < b, hist, 0), 0)
-    return prefix | (b << SHIFT), rank - below
+    below = tl.sum(tl.where(tl.arange(0, RADIX_BINS) < b, hist, 0), 0)
+    return prefix | (b << shift), rank - below
 
 
 @triton.jit
-def _streamed_hist(w_ptr, start, end, q0, n_groups, prefix, SHIFT: tl.constexpr,
-                   BLOCK_Q: tl.constexpr):
-    """``_radix_hist`` over a whole row, read chunk by chunk (one pass over the row)."""
-    lane = tl.arange(0, 4)[None, :]
-    hist = tl.zeros([256], dtype=tl.int32)
-    for c in range(0, n_groups, BLOCK_Q):
-        q = q0 + c + tl.arange(0, BLOCK_Q)
-        i = q[:, None] * 4 + lane
-        valid = (i >= start) & (i < end)
-        keys = _key(tl.load(w_ptr + i, mask=valid, other=0))
-        hist += _radix_hist(keys, valid, prefix, SHIFT, 4 * BLOCK_Q)
+def _streamed_hist(row, F, prefix, shift, BLOCK_G: tl.constexpr):
+    """``_radix_hist`` over the ``F`` keys at ``row``, read chunk by chunk (one pass)."""
+    hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
+    for c0 in range(0, F, 4 * BLOCK_G):
+        j = c0 + _cols(BLOCK_G)
+        valid = j < F
+        keys = _key(tl.load(row + j, mask=valid, other=0))
+        hist += _radix_hist(keys, valid, prefix, shift, 4 * BLOCK_G)
     return hist
 
 
-@triton.jit(do_not_specialize=["seed", "D"])
-def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, seed: tl.int64, D: tl.int64, F, k,
-                           fixed_limit, SELECT: tl.constexpr, ONE_PASS: tl.constexpr,
-                           BLOCK_Q: tl.constexpr):
+@triton.jit
+def _select(src, valid, F, k, BLOCK_G: tl.constexpr, RESIDENT: tl.constexpr):
+    """``t - 1`` for the key ``t`` at 0-based position k: a radix select, one histogram per
+    8-bit digit from the top.  RESIDENT: ``src`` is a ``[BLOCK_G, 4]`` tile of keys
+    (``valid`` its mask); else ``src`` points at ``F`` values read once per round in chunks of
+    ``4 * BLOCK_G``."""
+    rank = k + tl.zeros([], tl.int32)
+    prefix = tl.zeros([], tl.int32)
+    for r in range(32 // RADIX_BITS):
+        shift = 32 - RADIX_BITS - RADIX_BITS * r
+        if RESIDENT:
+            hist = _radix_hist(src, valid, prefix, shift, 4 * BLOCK_G)
+        else:
+            hist = _streamed_hist(src, F, prefix, shift, BLOCK_G)
+        prefix, rank = _radix_pick(hist, prefix, rank, shift)
+    return prefix - 1
+
+
+@triton.jit(do_not_specialize=["seed", "D", "origin", "row_stride", "k"])
+def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, D: tl.int64,
+                           origin: tl.int64, row_stride: tl.int64, F, NW, k,
+                           SELECT: tl.constexpr, ONE_PASS: tl.constexpr, BITS: tl.constexpr,
+                           ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
+    """One program per row; ``limit_ptr`` is written (SELECT) or read (a given limit)."""
     u = tl.program_id(0).to(tl.int64)
-    start = u * F
-    end = start + F
-    q0 = start // 4                    # the row's first 4-element group (Philox counter)
-    lane = tl.arange(0, 4)[None, :]
-    rank = k + 0 * F                   # 0-based position of t_u, as a tensor
-    prefix = rank * 0
+    row = w_ptr + u * F
+    out_row = out_ptr + u * F
+    bits_row = bits_ptr + u * NW
+    s = origin + u * row_stride               # the row's global stream start
     if ONE_PASS:
-        q = q0 + tl.arange(0, BLOCK_Q)
-        i = q[:, None] * 4 + lane
-        valid = (i >= start) & (i < end)
-        x = tl.load(w_ptr + i, mask=valid, other=0)
+        j = _cols(BLOCK_G)
+        valid = j < F
+        x = tl.load(row + j, mask=valid, other=0)
         keys = _key(x)
         if SELECT:
-            prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, 24, 4 * BLOCK_Q), prefix, rank, 24)
-            prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, 16, 4 * BLOCK_Q), prefix, rank, 16)
-            prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, 8, 4 * BLOCK_Q), prefix, rank, 8)
-            prefix, rank = _radix_pick(_radix_hist(keys, valid, prefix, 0, 4 * BLOCK_Q), prefix, rank, 0)
-            limit = prefix - 1         # strict key < t_u  <=>  key <= t_u - 1
+            limit = _select(keys, valid, F, k, BLOCK_G, True)
+            tl.store(limit_ptr + u, limit)
         else:
-            limit = fixed_limit
-        drop = (keys <= limit) & _dropped(seed, q, D)
-        tl.store(out_ptr + i, tl.where(drop, tl.zeros_like(x), x), mask=valid)
+            limit = tl.load(limit_ptr + u)
+        keep = ~((keys <= limit) & _tile_dropped(seed, s, D, ALIGNED, BLOCK_G))
+        tl.store(out_row + j, tl.where(keep, x, tl.zeros_like(x)), mask=valid)
+        if BITS:
+            _store_bits(bits_row, 0, keep & valid, NW, BLOCK_G)
     else:
-        n_groups = (end + 3) // 4 - q0
         if SELECT:
-            h = _streamed_hist(w_ptr, start, end, q0, n_groups, prefix, 24, BLOCK_Q)
-            prefix, rank = _radix_pick(h, prefix, rank, 24)
-            h = _streamed_hist(w_ptr, start, end, q0, n_groups, prefix, 16, BLOCK_Q)
-            prefix, rank = _radix_pick(h, prefix, rank, 16)
-            h = _streamed_hist(w_ptr, start, end, q0, n_groups, prefix, 8, BLOCK_Q)
-            prefix, rank = _radix_pick(h, prefix, rank, 8)
-            h = _streamed_hist(w_ptr, start, end, q0, n_groups, prefix, 0, BLOCK_Q)
-            prefix, rank = _radix_pick(h, prefix, rank, 0)
-            limit = prefix - 1
+            limit = _select(row, 0, F, k, BLOCK_G, False)
+            tl.store(limit_ptr + u, limit)
         else:
-            limit = fixed_limit
-        for c in range(0, n_groups, BLOCK_Q):
-            q = q0 + c + tl.arange(0, BLOCK_Q)
-            i = q[:, None] * 4 + lane
-            valid = (i >= start) & (i < end)
-            x = tl.load(w_ptr + i, mask=valid, other=0)
-            drop = (_key(x) <= limit) & _dropped(seed, q, D)
-            tl.store(out_ptr + i, tl.where(drop, tl.zeros_like(x), x), mask=valid)
-    tl.store(limit_ptr + u, limit)
+            limit = tl.load(limit_ptr + u)
+        for c0 in range(0, F, 4 * BLOCK_G):
+            j = c0 + _cols(BLOCK_G)
+            valid = j < F
+            x = tl.load(row + j, mask=valid, other=0)
+            keep = ~((_key(x) <= limit) & _tile_dropped(seed, s + c0, D, ALIGNED, BLOCK_G))
+            tl.store(out_row + j, tl.where(keep, x, tl.zeros_like(x)), mask=valid)
+            if BITS:
+                _store_bits(bits_row, c0, keep & valid, NW, BLOCK_G)
 
 
-@triton.jit(do_not_specialize=["seed", "D"])
+@triton.jit(do_not_specialize=["seed", "D", "origin", "row_stride"])
 def _weight_dropout_backward_kernel(g_ptr, w_ptr, limit_ptr, out_ptr, seed: tl.int64,
-                                    D: tl.int64, F, BLOCK_Q: tl.constexpr):
+                                    D: tl.int64, origin: tl.int64, row_stride: tl.int64, F,
+                                    ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Recompute backward, grid (U, chunks): keep from W's keys, limit[u] and the seed."""
     u = tl.program_id(0).to(tl.int64)
-    start = u * F
-    end = start + F
-    q0 = start // 4
-    n_groups = (end + 3) // 4 - q0
-    lane = tl.arange(0, 4)[None, :]
+    s = origin + u * row_stride
     limit = tl.load(limit_ptr + u)
-    for c in range(tl.program_id(1) * BLOCK_Q, n_groups, tl.num_programs(1) * BLOCK_Q):
-        q = q0 + c + tl.arange(0, BLOCK_Q)
-        i = q[:, None] * 4 + lane
-        valid = (i >= start) & (i < end)
-        drop = (_key(tl.load(w_ptr + i, mask=valid, other=0)) <= limit) & _dropped(seed, q, D)
-        g = tl.load(g_ptr + i, mask=valid & ~drop, other=0)  # other=0 gives +0.0
-        tl.store(out_ptr + i, g, mask=valid)
+    for c0 in range(tl.program_id(1) * 4 * BLOCK_G, F, tl.num_programs(1) * 4 * BLOCK_G):
+        j = c0 + _cols(BLOCK_G)
+        valid = j < F
+        x = tl.load(w_ptr + u * F + j, mask=valid, other=0)
+        g = tl.load(g_ptr + u * F + j, mask=valid, other=0)
+        keep = ~((_key(x) <= limit) & _tile_dropped(seed, s + c0, D, ALIGNED, BLOCK_G))
+        tl.store(out_ptr + u * F + j, tl.where(keep, g, tl.zeros_like(g)), mask=valid)
 
 
-def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int):
-    """SPEC weight targeting on ``w2d = w.reshape(U, F)``; returns ``(out2d, limit)``."""
+def forward_warps(one_pass: bool, block_g: int) -> int:
+    """Warps of the forward: one per 512 columns of a one-pass tile (16 at 8192 columns; 8
+    warps there spilled), one per 256 of a streamed chunk (16 at 4096: with 8, ptxas kept 64
+    registers and reloaded a spilled value in the apply loop)."""
+    return num_warps(4 * block_g, 512 if one_pass else 256, 16)
+
+
+def _block_groups(groups: int, cap: int) -> int:
+    """A power-of-two tile of at least MIN_GROUPS groups, at most ``cap`` (>= MIN_GROUPS)."""
+    return max(MIN_GROUPS, min(max(cap, MIN_GROUPS), triton.next_power_of_2(groups)))
+
+
+def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int, *, window=None,
+                   limit=None, bits: bool = False):
+    """SPEC weight targeting on ``w2d = w.reshape(U, F)``: ``(out2d, limit, bits or None)``
+    (the launcher contract of ``td_kernels._registry``)."""
     check_w2d(w2d)
     seed, D = check_seed(seed), check_drop_threshold(drop_threshold)
     U, F = w2d.shape
-    check_count(k, F, "F")
-    if k == 0 or U == 0:  # no candidates: W unchanged (checked before k == F so F == 0 lands here)
-        return w2d.clone(), torch.full((U,), -1, dtype=torch.int32, device=w2d.device)
+    origin, row_stride = check_window(window, U, F)
+    dev = w2d.device
+    if limit is None:
+        check_count(k, F, "F")
+        select = 0 < k < F
+        lim = torch.empty(U, dtype=torch.int32, device=dev) if select else \
+            torch.full((U,), -1 if k == 0 else KEY_MAX, dtype=torch.int32, device=dev)
+    else:
+        lim, select = check_limit(limit, U, dev), False
     out = torch.empty_like(w2d)
-    limit = torch.empty(U, dtype=torch.int32, device=w2d.device)
-    groups = triton.cdiv(F + 3, 4)  # most 4-element groups a row of F can touch
-    one_pass = groups <= MAX_ONE_PASS_GROUPS
-    block_q = triton.next_power_of_2(groups) if one_pass else CHUNK_GROUPS
+    packed = new_bits(U, F, dev) if bits else None
+    if U * F == 0:  # no rows, or rows of no columns (and no mask words)
+        return out, lim, packed
+    groups = triton.cdiv(F, 4)  # local columns: F / 4 groups whatever the row's alignment
+    one_pass = groups <= max(MAX_ONE_PASS_GROUPS, MIN_GROUPS)
+    block_g = _block_groups(groups, MAX_ONE_PASS_GROUPS if one_pass else CHUNK_GROUPS)
     with device_guard(w2d):
         _weight_dropout_kernel[(U,)](
-            w2d, out, limit, seed, D, F, k, KEY_MAX,
-            SELECT=k < F, ONE_PASS=one_pass, BLOCK_Q=block_q, num_warps=num_warps(4 * block_q))
-    return out, limit
+            w2d, out, lim, packed if bits else out, seed, D, origin, row_stride, F,
+            packed.shape[1] if bits else 0, k if select else 0, SELECT=select, ONE_PASS=one_pass, BITS=bits,
+            ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g,
+            num_warps=forward_warps(one_pass, block_g))
+    return out, lim, packed
 
 
-def weight_dropout_backward(grad2d: torch.Tensor, w2d: torch.Tensor, limit: torch.Tensor,
-                            seed: int, drop_threshold: int) -> torch.Tensor:
-    """``where(keep, grad, +0.0)`` with keep recomputed from W's keys, ``limit`` and the seed."""
-    check_w2d(w2d)
+def weight_dropout_backward(grad2d: torch.Tensor, w2d, limit, seed: int, drop_threshold: int, *,
+                            window=None, bits=None) -> torch.Tensor:
+    """``where(keep, grad, +0.0)``: keep read from ``bits`` when given (``w2d``/``limit`` unused),
+    else recomputed from W's keys, ``limit`` and the seed."""
     check_w2d(grad2d, "grad2d")
+    if bits is not None:
+        return bits_backward(grad2d, bits)
+    check_w2d(w2d)
     seed, D = check_seed(seed), check_drop_threshold(drop_threshold)
     U, F = w2d.shape
-    if grad2d.shape != w2d.shape or grad2d.device != w2d.device:
-        raise ValueError(f"grad2d must match w2d's shape {tuple(w2d.shape)} and device, "
-                         f"got {tuple(grad2d.shape)} on {grad2d.device}")
-    if limit.dtype != torch.int32 or limit.shape != (U,) or limit.device != w2d.device:
-        raise ValueError(f"limit must be int32 [{U}] on {w2d.device}, got "
-                         f"{limit.dtype} {tuple(limit.shape)} on {limit.device}")
+    check_grad(grad2d, w2d)
+    limit = check_limit(limit, U, w2d.device)
+    origin, row_stride = check_window(window, U, F)
     out = torch.empty_like(grad2d)
     if out.numel() == 0:
         return out
-    block_q = min(BACKWARD_GROUPS, triton.next_power_of_2(triton.cdiv(F + 3, 4)))
-    grid = (U, min(MAX_GRID_1, triton.cdiv(triton.cdiv(F + 3, 4), block_q)))
+    block_g = _block_groups(triton.cdiv(F, 4), BACKWARD_GROUPS)
     with device_guard(w2d):
-        _weight_dropout_backward_kernel[grid](
-            grad2d, w2d, limit.contiguous(), out, seed, D, F, BLOCK_Q=block_q,
-            num_warps=num_warps(4 * block_q))
+        launch_chunks(_weight_dropout_backward_kernel, U, F, 4 * block_g)(
+            grad2d, w2d, limit, out, seed, D, origin, row_stride, F,
+            ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, num_warps=num_warps(4 * block_g))
     return out
