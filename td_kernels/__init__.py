@@ -25,7 +25,7 @@ _registry.register(Backend(
 try:
     from . import triton as _triton_backend  # noqa: F401  (registers "triton")
 except Exception as e:  # triton not installed, too old, or broken
-    _registry.unavailable("triton", f"Triton could not be imported ({e}); install it with `pip install 'triton>=3.4'`")
+    _registry.unavailable("triton", f"Triton could not be imported ({e}); install it with `pip install 'triton>=3.6'`")
 
 try:
     from . import native as _native_backend  # noqa: F401  (registers "native")

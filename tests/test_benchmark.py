@@ -43,8 +43,6 @@ def test_backends_keep_at_most_a_bit_per_element(op):
     N = w.numel()
     for backend in td.available_backends("cpu"):  # the Triton interpreter too: memory, not speed
         for mask in tb.masks_for(backend, op):
-            if op == "nm" and backend != "reference" or mask == "bits" and backend != "reference":
-                continue  # TODO(kernels): N:M and bit masks land in the native and Triton backends
             saved = tb.saved_bytes(tb.make_fn(backend, op, 0.5, 0.5, mask=mask), w)
             # params and the per-unit limit, plus 1 bit per element with mask="bits"
             assert 0 < saved <= N / 8 + 4 * 64 + 64, (backend, mask, saved)
