@@ -19,7 +19,7 @@ __all__ = ["targeted_weight_dropout", "targeted_unit_dropout", "targeted_nm_drop
 
 # What the backward of weight and N:M targeting reads (td_kernels.ops): "bits", a 1-bit keep
 # mask the forward writes in the same pass, or "recompute", the mask rebuilt from W and the seed.
-DEFAULT_MASK = "recompute"
+DEFAULT_MASK = "bits"
 
 SEED_LIMIT = 2**63
 Rate = "float | Tensor"
