@@ -1,4 +1,4 @@
-"""The ``td-kernels`` command: ``td-kernels demo [...]`` and ``td-kernels bench [...]``."""
+"""The ``td-kernels`` command: ``td-kernels demo [...]``, ``td-kernels bench [...]`` and ``td-kernels info``."""
 from __future__ import annotations
 
 import argparse
@@ -35,8 +35,13 @@ def _demo_parser(sub) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="td-kernels", description="td_kernels: fast targeted dropout for PyTorch")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
     _demo_parser(sub)
+    info = sub.add_parser("info", help="versions, devices, backends and build: paste it into a bug report",
+                          description="Print td_kernels', torch's, Triton's and CUDA's versions, the devices torch "
+                                      "sees, every backend with whether it runs here (and why not), the native "
+                                      "extension's build and the thread counts.")
+    info.add_argument("--json", action="store_true", help="print it as JSON")
     sub.add_parser("bench", help="benchmark the backends (arguments go to td_kernels.benchmark)", add_help=False)
     if argv[:1] == ["bench"]:
         # hand every remaining argument to the benchmark's own parser
@@ -47,6 +52,16 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "info":
+        from .info import collect, format_info
+
+        if args.json:
+            import json
+
+            print(json.dumps(collect(), indent=1))
+        else:
+            print(format_info())
+        return 0
     from .demo import check_args, run_demo
 
     kwargs = dict(epochs=args.epochs, device=args.device, backend=args.backend, methods=args.methods,
