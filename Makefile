@@ -12,6 +12,8 @@ $(VENV)/.deps:
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch==2.13.0
 	$(PIP) "triton>=3.4" numpy ninja pytest hypothesis pytest-benchmark scikit-learn matplotlib tqdm
+	# transformers for tests/test_transformers.py; it does not depend on torch, so the CPU torch stays
+	$(PIP) transformers
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)

@@ -14,11 +14,16 @@ def _demo_parser(sub) -> None:
 
     p = sub.add_parser("demo", help="train small nets on 8x8 digits and tabulate accuracy vs pruning (Table 2)",
                        description="Reproduce the shape of the paper's Table 2 on scikit-learn's 8x8 digits: "
-                                   "train each model with each method, prune 0-90% of its weights / units, "
-                                   "print the accuracy tables, write results.csv and accuracy_vs_pruning.png.")
+                                   "train each model with each method (several seeds), prune 0-90% of its weights / "
+                                   "units and to 2:4, print the accuracy tables (mean and std), write results.csv and "
+                                   "accuracy_vs_pruning.png.")
     p.add_argument("--epochs", type=int, default=20, help="training epochs per model (default: 20)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the data split, initial weights and dropout (default: 0)")
+                   help="seed of the data split, and the first training seed (initial weights, data order, dropout) "
+                        "(default: 0)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="training runs per cell, seeds SEED, SEED+1, ...: the tables give mean and standard "
+                        "deviation and mark where a method differs from 'none' by more than the spread (default: 3)")
     p.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", default="auto", help="td_kernels backend for the targeted ops (default: auto)")
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
     from .demo import check_args, run_demo
 
     kwargs = dict(epochs=args.epochs, device=args.device, backend=args.backend, methods=args.methods,
-                  models=args.models, threads=args.threads)
+                  models=args.models, threads=args.threads, seeds=args.seeds)
     try:
         check_args(**kwargs)
     except (ValueError, TypeError) as e:
