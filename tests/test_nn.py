@@ -262,8 +262,29 @@ def test_bad_arguments():
         TargetedDropout(0.5, 0.5, backend="nope")
 
 
+def test_a_tensor_seed_is_the_same_seed():
+    """td.nn hands the functional ops its seed b + c as a 0-dim int64 CPU tensor."""
+    w = torch.randn(6, 8)
+    for s in (0, 5, 2**62 + 7):
+        t = torch.tensor(s, dtype=torch.int64)
+        assert torch.equal(td.targeted_weight_dropout(w, 0.5, 0.5, seed=t), td.targeted_weight_dropout(w, 0.5, 0.5, seed=s))
+        assert torch.equal(td.targeted_nm_dropout(w, 0.5, seed=t, backend="reference"),
+                           td.targeted_nm_dropout(w, 0.5, seed=s, backend="reference"))
+    with pytest.raises(TypeError, match="seed"):
+        td.targeted_weight_dropout(w, 0.5, 0.5, seed=torch.tensor(3.0))
+    with pytest.raises(TypeError, match="seed"):
+        td.targeted_weight_dropout(w, 0.5, 0.5, seed=torch.tensor([3]))
+    with pytest.raises(ValueError, match="seed"):
+        td.targeted_weight_dropout(w, 0.5, 0.5, seed=torch.tensor(-1))
+
+
 def test_nested_tensor_gets_a_clear_type_error():
-    w = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
+    for w in (torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)]),
+              torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)], layout=torch.jagged)):
+        _check_nested(w)
+
+
+def _check_nested(w):
     for fn in (lambda: td.targeted_weight_dropout(w, 0.5, 0.5), lambda: td.targeted_unit_dropout(w, 0.5, 0.5),
                lambda: td.targeted_nm_dropout(w, 0.5), lambda: td.prune_weights(w, 0.5)):
         with pytest.raises(TypeError, match="nested"):
