@@ -232,9 +232,10 @@ class DemoResult:
         return f"{mean:.1f}±{std:.1f}{self.mark(model, method, prune_mode, rate) or ' '}"
 
 
-def _layout(lines) -> str:
+def _layout(lines, first_left: bool = False) -> str:
     widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
+    return "\n".join("  ".join(c.ljust(w) if first_left and i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in lines)
 
 
 def format_table(result: DemoResult, model: str, prune_mode: str, methods) -> str:
@@ -251,7 +252,7 @@ def format_nm_table(result: DemoResult, model: str, methods) -> str:
     lines = [["method", "unpruned", f"{NM[0]}:{NM[1]} pruned"]]
     for m in methods:
         lines.append([m, result.cell(model, m, "weight", 0.0), result.cell(model, m, NM_MODE, 1 - NM[0] / NM[1])])
-    return _layout(lines)
+    return _layout(lines, first_left=True)
 
 
 def _write_csv(result: DemoResult, path: str) -> None:
