@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import api, reference
+from . import api, ops, reference
 from ._registry import check_name
 from .api import _check_rate, _fan_in, _is_dtensor
 
@@ -196,6 +196,12 @@ class TargetedDropout(nn.Module):
         # on the CPU): a compiled model reads them from there and a schedule changing them every
         # step never recompiles it
         self._rates = torch.zeros(2, dtype=torch.float64, device="cpu")
+        # and, once the layer's shape is known (_attach), as the op's int64 params less the seed
+        # (k, D, window), kept up to date by the setters: the compiled forward then adds one cat
+        # per layer to the graph instead of the count/threshold arithmetic, which made the
+        # whole-model compile of 84 targeted layers take twice the plain model's time
+        self._shape: Optional[tuple] = None
+        self._params_tail: Optional[Tensor] = None
         self.drop_rate = drop_rate
         self.targ_rate = targ_rate
         check_name(backend)  # now, not at the first training forward
@@ -216,6 +222,7 @@ class TargetedDropout(nn.Module):
     def drop_rate(self, value) -> None:
         self._drop_rate = _check_rate("drop_rate", value)
         self._rates[0] = self._drop_rate
+        self._sync_params()
 
     @property
     def targ_rate(self) -> Optional[float]:
@@ -233,7 +240,29 @@ class TargetedDropout(nn.Module):
             raise TypeError(f"mode={self.mode!r} needs a targ_rate in [0, 1], got None")
         self._targ_rate = _check_rate("targ_rate", value)
         self._rates[1] = self._targ_rate
+        self._sync_params()
 
+    def _attach(self, units: int, fan_in: int) -> None:
+        """Record the targeted view's shape ``[U, F]`` (apply_targeted_dropout does)."""
+        self._shape = (units, fan_in)
+        self._sync_params()
+
+    def _sync_params(self) -> None:
+        if self._shape is None or not hasattr(self, "_targ_rate"):
+            return
+        U, F = self._shape
+        D = reference.drop_threshold(self._drop_rate)
+        if self.mode == "weight":  # ops.WEIGHT_PARAMS, NM_PARAMS, UNIT_PARAMS less the seed
+            tail = (reference.count(self._targ_rate, F), D, 0, F)
+        elif self.mode == "nm":
+            tail = (D, 0, F)
+        else:
+            tail = (reference.count(self._targ_rate, U), D)
+        tail = torch.tensor(tail, dtype=torch.int64, device="cpu")
+        if self._params_tail is None:
+            self._params_tail = tail
+        else:  # in place: a compiled graph holds this tensor as an input
+            self._params_tail.copy_(tail)
     def _active(self) -> bool:
         # rate 0 means no candidate or no drop: the op would return W unchanged, so skip it
         return self.drop_rate > 0.0 and (self.mode == "nm" or self.targ_rate > 0.0)
@@ -244,8 +273,8 @@ class TargetedDropout(nn.Module):
             # a forward run during a backward is activation checkpointing recomputing the last
             # forward (torch.utils.checkpoint, reentrant or not): it must draw that forward's mask
             return self._rng[0] + (self._rng[1] - 1).clamp(min=0)
-        seed = self._rng[0] + self._rng[1]
-        self._rng[1] += 1  # in place: under torch.compile a mutation of a graph input, written back
+        seed = self._rng.sum()  # b + c
+        self._rng[1:] += 1  # in place: under torch.compile a mutation of a graph input, written back
         return seed
 
     def _target(self, w: Tensor, seed: Tensor, drop_rate, targ_rate) -> Tensor:
@@ -258,12 +287,28 @@ class TargetedDropout(nn.Module):
             out = api.targeted_nm_dropout(v, drop_rate, n=self.n, m=self.m, seed=seed, backend=self.backend)
         return out.movedim(0, self.unit_dim) if self.unit_dim else out
 
+    def _target_compiled(self, w: Tensor, seed: Tensor) -> Tensor:
+        """The op on ``[seed, *params_tail]``: the public function's op call, minus the checks
+        (made eagerly when the settings were) and the params arithmetic."""
+        v = w.movedim(self.unit_dim, 0) if self.unit_dim else w
+        params = torch.cat([seed.view(1), self._params_tail])
+        if self.mode == "weight":
+            out = ops.weight_dropout(v, params, self.backend, api.DEFAULT_MASK)[0]
+        elif self.mode == "nm":
+            out = ops.nm_dropout(v, params, self.n, self.m, self.backend, api.DEFAULT_MASK)[0]
+        else:
+            out = ops.unit_dropout(v, params, self.backend)[0]
+        return out.movedim(0, self.unit_dim) if self.unit_dim else out
+
     def forward(self, w: Tensor) -> Tensor:
         if not self.training:
             return w
         seed = self._next_seed()  # every training forward advances c, whether or not it drops
         if torch.compiler.is_compiling():
             # read no Python float here: each would be a guard, and each new value a recompile
+            U = w.shape[self.unit_dim]
+            if self._shape == (U, w.numel() // U if U else 0) and not _is_dtensor(w):
+                return self._target_compiled(w, seed)
             return self._target(w, seed, self._rates[0], None if self.mode == "nm" else self._rates[1])
         if not self._active():
             return w
@@ -513,6 +558,8 @@ def apply_targeted_dropout(model: nn.Module, drop_rate: float, targ_rate: Option
         tdm = TargetedDropout(drop_rate, targ_rate, mode, backend, n=n, m=m, unit_dim=entry.unit_dim)
         tdm.layer_type, tdm.apply_to = entry, apply_to
         tdm.train(layer.training)
+        v = unit_view(layer)
+        tdm._attach(v.shape[0], _fan_in(v))
         _relayout(layer, entry, units_first=True)
         _install(layer, tdm)
     return [name for name, _ in layers]
