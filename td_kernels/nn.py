@@ -24,9 +24,10 @@ default CPU generator when it is created (``apply_targeted_dropout`` creates the
 seed ``b + c``. After ``torch.manual_seed(s)`` then ``apply_targeted_dropout`` every process draws
 the same masks at every step, whatever else it draws from the default generator, with no
 collective; ``get_rng_state`` / ``set_rng_state`` save and restore ``(b, c)`` for exact resume.
-``b`` and ``c`` live in one int64 CPU tensor held as a plain attribute (not a buffer: ``.to()``
-leaves it on the CPU and ``state_dict()`` does not see it); a compiled model reads the seed and
-advances ``c`` with tensor ops, so a new step is new data, never a recompile.
+``b + c`` lives in an int64 CPU tensor held as a plain attribute (not a buffer: ``.to()`` leaves
+it on the CPU and ``state_dict()`` does not see it), beside the op's other params; a compiled
+model reads the seed and advances ``c`` with tensor ops, so a new step is new data, never a
+recompile.
 
 Unit mode can act on the layer's *output* instead (``apply_to="output"``): the same forward
 replaces the output channels of dropped units by the bias, ``out = where(keep, x W^T + b, b)``,
@@ -196,12 +197,13 @@ class TargetedDropout(nn.Module):
         # on the CPU): a compiled model reads them from there and a schedule changing them every
         # step never recompiles it
         self._rates = torch.zeros(2, dtype=torch.float64, device="cpu")
-        # and, once the layer's shape is known (_attach), as the op's int64 params less the seed
-        # (k, D, window), kept up to date by the setters: the compiled forward then adds one cat
-        # per layer to the graph instead of the count/threshold arithmetic, which made the
-        # whole-model compile of 84 targeted layers take twice the plain model's time
+        # and, once the layer's shape is known (_attach), as the op's int64 params after the
+        # seed (k, D, window) in _state = [b + c, *params], kept up to date by the setters: the
+        # compiled forward adds two nodes per layer to the graph (clone, in-place add) instead of
+        # the count/threshold arithmetic, which made the whole-model compile of 84 targeted
+        # layers take twice the plain model's time
         self._shape: Optional[tuple] = None
-        self._params_tail: Optional[Tensor] = None
+        self._state: Optional[Tensor] = None
         self.drop_rate = drop_rate
         self.targ_rate = targ_rate
         check_name(backend)  # now, not at the first training forward
@@ -209,9 +211,10 @@ class TargetedDropout(nn.Module):
         self.unit_dim = int(unit_dim)
         self.apply_to = "weight"
         self.layer_type: Optional[LayerType] = None  # set by apply_targeted_dropout
-        # (b, c): base seed and training-forward count; device="cpu" even under a meta device context
-        base = torch.randint(0, SEED_BASE_LIMIT, (), dtype=torch.int64, device="cpu")
-        self._rng = torch.stack([base, torch.zeros((), dtype=torch.int64, device="cpu")])
+        # the base seed b; device="cpu" even under a meta device context
+        self._base = int(torch.randint(0, SEED_BASE_LIMIT, (), dtype=torch.int64, device="cpu"))
+        self._state = torch.tensor([self._base], dtype=torch.int64, device="cpu")  # [b + c, *params tail]
+        self._inc = torch.tensor([1], dtype=torch.int64, device="cpu")
 
     # validated on every assignment, so a schedule cannot set a rate outside [0, 1]
     @property
@@ -248,7 +251,7 @@ class TargetedDropout(nn.Module):
         self._sync_params()
 
     def _sync_params(self) -> None:
-        if self._shape is None or not hasattr(self, "_targ_rate"):
+        if self._shape is None or self._state is None or not hasattr(self, "_targ_rate"):
             return
         U, F = self._shape
         D = reference.drop_threshold(self._drop_rate)
@@ -258,24 +261,41 @@ class TargetedDropout(nn.Module):
             tail = (D, 0, F)
         else:
             tail = (reference.count(self._targ_rate, U), D)
-        tail = torch.tensor(tail, dtype=torch.int64, device="cpu")
-        if self._params_tail is None:
-            self._params_tail = tail
-        else:  # in place: a compiled graph holds this tensor as an input
-            self._params_tail.copy_(tail)
+        if self._state.numel() == 1 + len(tail):  # in place: a compiled graph holds this tensor as an input
+            self._state[1:] = torch.tensor(tail, dtype=torch.int64)
+        else:
+            self._state = torch.tensor((int(self._state[0]), *tail), dtype=torch.int64, device="cpu")
+            self._inc = torch.zeros_like(self._state)
+            self._inc[0] = 1
+
+    @property
+    def _rng(self) -> Tensor:
+        """``(b, c)``: the base seed and the training forwards so far (a new int64 CPU tensor)."""
+        return torch.tensor([self._base, int(self._state[0]) - self._base], dtype=torch.int64)
+
+    def _set_rng(self, base: int, calls: int) -> None:
+        self._base = int(base)
+        self._state[0] = int(base) + int(calls)
     def _active(self) -> bool:
         # rate 0 means no candidate or no drop: the op would return W unchanged, so skip it
         return self.drop_rate > 0.0 and (self.mode == "nm" or self.targ_rate > 0.0)
 
-    def _next_seed(self) -> Tensor:
-        """Seed ``b + c`` of this training forward as a 0-dim int64 CPU tensor; then ``c += 1``."""
+    def _next_params(self) -> Tensor:
+        """``[b + c, *params tail]`` of this training forward (the op's params once attached);
+        then ``c += 1``. Two graph nodes per layer under torch.compile (clone, in-place add)."""
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             # a forward run during a backward is activation checkpointing recomputing the last
             # forward (torch.utils.checkpoint, reentrant or not): it must draw that forward's mask
-            return self._rng[0] + (self._rng[1] - 1).clamp(min=0)
-        seed = self._rng.sum()  # b + c
-        self._rng[1:] += 1  # in place: under torch.compile a mutation of a graph input, written back
-        return seed
+            params = self._state.clone()
+            params[0] = max(int(params[0]) - 1, self._base)
+            return params
+        params = self._state.clone()
+        self._state.add_(self._inc)  # in place: under torch.compile a mutation of a graph input, written back
+        return params
+
+    def _next_seed(self) -> Tensor:
+        """Seed ``b + c`` of this training forward as a 0-dim int64 CPU tensor; then ``c += 1``."""
+        return self._next_params()[0]
 
     def _target(self, w: Tensor, seed: Tensor, drop_rate, targ_rate) -> Tensor:
         v = w.movedim(self.unit_dim, 0) if self.unit_dim else w
@@ -287,11 +307,10 @@ class TargetedDropout(nn.Module):
             out = api.targeted_nm_dropout(v, drop_rate, n=self.n, m=self.m, seed=seed, backend=self.backend)
         return out.movedim(0, self.unit_dim) if self.unit_dim else out
 
-    def _target_compiled(self, w: Tensor, seed: Tensor) -> Tensor:
-        """The op on ``[seed, *params_tail]``: the public function's op call, minus the checks
-        (made eagerly when the settings were) and the params arithmetic."""
+    def _target_compiled(self, w: Tensor, params: Tensor) -> Tensor:
+        """The op on ``params``: the public function's op call, minus the checks (made eagerly
+        when the settings were) and the params arithmetic."""
         v = w.movedim(self.unit_dim, 0) if self.unit_dim else w
-        params = torch.cat([seed.view(1), self._params_tail])
         if self.mode == "weight":
             out = ops.weight_dropout(v, params, self.backend, api.DEFAULT_MASK)[0]
         elif self.mode == "nm":
@@ -303,12 +322,13 @@ class TargetedDropout(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         if not self.training:
             return w
-        seed = self._next_seed()  # every training forward advances c, whether or not it drops
+        params = self._next_params()  # every training forward advances c, whether or not it drops
+        seed = params[0]
         if torch.compiler.is_compiling():
             # read no Python float here: each would be a guard, and each new value a recompile
             U = w.shape[self.unit_dim]
             if self._shape == (U, w.numel() // U if U else 0) and not _is_dtensor(w):
-                return self._target_compiled(w, seed)
+                return self._target_compiled(w, params)
             return self._target(w, seed, self._rates[0], None if self.mode == "nm" else self._rates[1])
         if not self._active():
             return w
@@ -598,7 +618,7 @@ def get_rng_state(model: nn.Module) -> Tensor:
     found = [t._rng for _, _, t in targeted_dropout_modules(model)]
     if not found:
         raise ValueError("model has no targeted dropout: call apply_targeted_dropout(model, ...) first")
-    return torch.stack(found).clone()
+    return torch.stack(found)
 
 
 def set_rng_state(model: nn.Module, state: Tensor) -> None:
@@ -614,5 +634,5 @@ def set_rng_state(model: nn.Module, state: Tensor) -> None:
     state = state.cpu()
     if (state < 0).any() or (state[:, 0] >= SEED_BASE_LIMIT).any():
         raise ValueError("state holds a negative count or a base seed >= 2**62: not a td.get_rng_state tensor")
-    for t, row in zip(found, state):
-        t._rng.copy_(row)
+    for t, (base, calls) in zip(found, state.tolist()):
+        t._set_rng(base, calls)
