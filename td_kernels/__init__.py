@@ -37,7 +37,8 @@ from . import ops  # noqa: E402  (registers the torch.library ops)
 from .api import (prune_nm, prune_units, prune_weights, targeted_nm_dropout, targeted_unit_dropout,  # noqa: E402
                   targeted_weight_dropout)
 from . import nn  # noqa: E402
-from .nn import TargetedDropout, apply_targeted_dropout, remove_targeted_dropout  # noqa: E402
+from .nn import (TargetedDropout, apply_targeted_dropout, get_rng_state, register_layer,  # noqa: E402
+                 remove_targeted_dropout, set_rng_state)
 from .schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate  # noqa: E402
 from .pruning import TargetedPruning, prune_model, sparsity_report  # noqa: E402
 from .shrink import ShrinkReport, shrink_model  # noqa: E402
@@ -48,7 +49,8 @@ __all__ = [
     "targeted_weight_dropout", "targeted_unit_dropout", "targeted_nm_dropout", "prune_weights", "prune_units",
     "prune_nm",
     "available_backends", "reference", "ops", "Backend",
-    "nn", "TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout",
+    "nn", "TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout", "register_layer",
+    "get_rng_state", "set_rng_state",
     "RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "TargetedPruning", "prune_model", "sparsity_report",
     "shrink_model", "ShrinkReport", "to_semi_structured", "is_nm_sparse", "nm_violations",
 ]

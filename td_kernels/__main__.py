@@ -1,4 +1,4 @@
-"""``python -m td_kernels demo|bench``."""
+"""``python -m td_kernels demo|bench|info``."""
 import sys
 
 from .cli import main

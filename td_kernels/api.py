@@ -72,6 +72,15 @@ def _seed_tensor(seed) -> Tensor:
     """SPEC section 9: None draws from torch's default CPU generator (no device sync)."""
     if seed is None:  # device="cpu": a default-device context must not move the draw
         return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, device="cpu")
+    if isinstance(seed, Tensor):
+        # a 0-dim int64 CPU tensor: td.nn passes its per-layer seed this way, so that a compiled
+        # model gets a new seed every step as data, never as a new graph (as rates, see _rate)
+        if seed.ndim != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+            raise TypeError(f"seed given as a tensor must be a 0-dim int64 CPU tensor, got {seed.dtype} of shape "
+                            f"{tuple(seed.shape)} on {seed.device}")
+        if not torch.compiler.is_compiling() and not 0 <= int(seed) < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}")
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int in [0, 2**63) or None, got {type(seed).__name__}")
     if not 0 <= seed < SEED_LIMIT:

@@ -1,4 +1,4 @@
-"""The ``td-kernels`` command: ``td-kernels demo [...]`` and ``td-kernels bench [...]``."""
+"""The ``td-kernels`` command: ``td-kernels demo [...]``, ``td-kernels bench [...]`` and ``td-kernels info``."""
 from __future__ import annotations
 
 import argparse
@@ -14,11 +14,16 @@ def _demo_parser(sub) -> None:
 
     p = sub.add_parser("demo", help="train small nets on 8x8 digits and tabulate accuracy vs pruning (Table 2)",
                        description="Reproduce the shape of the paper's Table 2 on scikit-learn's 8x8 digits: "
-                                   "train each model with each method, prune 0-90% of its weights / units, "
-                                   "print the accuracy tables, write results.csv and accuracy_vs_pruning.png.")
+                                   "train each model with each method (several seeds), prune 0-90% of its weights / "
+                                   "units and to 2:4, print the accuracy tables (mean and std), write results.csv and "
+                                   "accuracy_vs_pruning.png.")
     p.add_argument("--epochs", type=int, default=20, help="training epochs per model (default: 20)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the data split, initial weights and dropout (default: 0)")
+                   help="seed of the data split, and the first training seed (initial weights, data order, dropout) "
+                        "(default: 0)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="training runs per cell, seeds SEED, SEED+1, ...: the tables give mean and standard "
+                        "deviation and mark where a method differs from 'none' by more than the spread (default: 3)")
     p.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", default="auto", help="td_kernels backend for the targeted ops (default: auto)")
@@ -35,8 +40,13 @@ def _demo_parser(sub) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="td-kernels", description="td_kernels: fast targeted dropout for PyTorch")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
     _demo_parser(sub)
+    info = sub.add_parser("info", help="versions, devices, backends and build: paste it into a bug report",
+                          description="Print td_kernels', torch's, Triton's and CUDA's versions, the devices torch "
+                                      "sees, every backend with whether it runs here (and why not), the native "
+                                      "extension's build and the thread counts.")
+    info.add_argument("--json", action="store_true", help="print it as JSON")
     sub.add_parser("bench", help="benchmark the backends (arguments go to td_kernels.benchmark)", add_help=False)
     if argv[:1] == ["bench"]:
         # hand every remaining argument to the benchmark's own parser
@@ -47,10 +57,20 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "info":
+        from .info import collect, format_info
+
+        if args.json:
+            import json
+
+            print(json.dumps(collect(), indent=1))
+        else:
+            print(format_info())
+        return 0
     from .demo import check_args, run_demo
 
     kwargs = dict(epochs=args.epochs, device=args.device, backend=args.backend, methods=args.methods,
-                  models=args.models, threads=args.threads)
+                  models=args.models, threads=args.threads, seeds=args.seeds)
     try:
         check_args(**kwargs)
     except (ValueError, TypeError) as e:

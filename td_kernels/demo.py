@@ -2,16 +2,21 @@
 
 Trains a small MLP and a small CNN with each regularisation method, then magnitude-prunes every
 weight layer except the logits layer (``td.prune_model``) at 0%, 10%, ..., 90%, per unit's
-weights (weight pruning, eq. 2) and whole units (unit pruning, eq. 1), and reports the test
-accuracy. Run it with ``td-kernels demo`` or ``python -m td_kernels demo``.
+weights (weight pruning, eq. 2) and whole units (unit pruning, eq. 1), and to the 2:4 pattern
+(N:M pruning, SPEC section 11), and reports the test accuracy: mean and standard deviation over
+``seeds`` training runs (initial weights, data order and dropout draws; the same data split),
+marking where a method differs from the unregularised network by more than the spread. Run it
+with ``td-kernels demo`` or ``python -m td_kernels demo``.
 """
 from __future__ import annotations
 
 import copy
 import csv
 import os
+import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,17 +28,19 @@ from .pruning import prune_model
 from .schedules import RampSchedule
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "MODELS", "PRUNE_RATES", "MethodConfig", "DemoResult", "run_demo", "check_args",
-           "make_model", "load_data", "train", "evaluate_pruning", "format_table"]
+           "make_model", "load_data", "train", "evaluate_pruning", "format_table", "format_nm_table", "nm_backend"]
 
 PRUNE_RATES = tuple(i / 10 for i in range(10))
 PRUNE_MODES = ("weight", "unit")
+NM = (2, 4)      # the N:M pattern of the N:M method and of N:M pruning (what sparse tensor cores run)
+NM_MODE = "nm"   # prune_mode of the N:M rows; their prune_rate is the pattern's fraction, 1 - n/m
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     label: str
-    # "weight" / "unit": targeted dropout of that mode; "dropout": standard weight dropout
-    # (dropconnect) at drop_rate; None: no regularisation
+    # "weight" / "unit" / "nm": targeted dropout of that mode (nm: the NM pattern, no targ_rate);
+    # "dropout": standard weight dropout (dropconnect) at drop_rate; None: no regularisation
     mode: str | None = None
     drop_rate: float = 0.0      # alpha
     targ_rate: float = 0.0      # gamma
@@ -44,7 +51,9 @@ class MethodConfig:
 # column at 80-90% weight pruning: target about as much as you will prune), targeted unit
 # dropout alpha=0.66, gamma=0.75; standard dropout drops the same expected number of weights as
 # targeted weight dropout, rate gamma*alpha (section 5); ramping as in Table 6, alpha=0.99,
-# gamma=0.9. "ramp_unit" (not run by default) is the unit-mode ramp.
+# gamma=0.9. "ramp_unit" (not run by default) is the unit-mode ramp. Targeted 2:4 dropout (not
+# in the paper: SPEC section 11) drops each of the 2 smallest weights of every group of 4 with
+# alpha=0.75, the weight method's alpha.
 W_ALPHA, W_GAMMA = 0.75, 0.9
 U_ALPHA, U_GAMMA = 0.66, 0.75
 METHODS = {
@@ -54,8 +63,9 @@ METHODS = {
     "targeted_unit": MethodConfig(f"targeted unit a={U_ALPHA} g={U_GAMMA}", "unit", U_ALPHA, U_GAMMA),
     "ramp": MethodConfig("ramp targeted weight a=0.99 g=0.9", "weight", 0.99, 0.9, ramp=True),
     "ramp_unit": MethodConfig("ramp targeted unit a=0.99 g=0.9", "unit", 0.99, 0.9, ramp=True),
+    "targeted_nm": MethodConfig(f"targeted {NM[0]}:{NM[1]} a={W_ALPHA}", "nm", W_ALPHA),
 }
-DEFAULT_METHODS = ("none", "dropout", "targeted_weight", "targeted_unit", "ramp")
+DEFAULT_METHODS = ("none", "dropout", "targeted_weight", "targeted_unit", "ramp", "targeted_nm")
 RAMP_FRACTION = 0.6  # ramp over the first 60% of the steps, then train at the final rates
 
 
@@ -118,6 +128,10 @@ def train(model: nn.Module, method: MethodConfig, train_data, *, epochs: int, ba
     if method.mode == "dropout":
         for _, layer in prunable_layers(model):
             parametrize.register_parametrization(layer, "weight", _WeightDropout(method.drop_rate), unsafe=True)
+    elif method.mode == "nm":
+        with warnings.catch_warnings():  # the CNN's first conv (fan-in 9) has no 4-groups: it stays dense
+            warnings.simplefilter("ignore")
+            apply_targeted_dropout(model, method.drop_rate, mode="nm", n=NM[0], m=NM[1], backend=backend)
     elif method.mode is not None:
         apply_targeted_dropout(model, method.drop_rate, method.targ_rate, method.mode, backend=backend)
     steps_per_epoch = -(-len(X) // batch_size)
@@ -143,10 +157,20 @@ def train(model: nn.Module, method: MethodConfig, train_data, *, epochs: int, ba
     return model.eval()
 
 
-def evaluate_pruning(model: nn.Module, test_data, *, rates=PRUNE_RATES, modes=PRUNE_MODES, backend="auto") -> dict:
-    """{(prune_mode, rate): test accuracy} of ``model`` pruned per unit at each rate."""
+def evaluate_pruning(model: nn.Module, test_data, *, rates=PRUNE_RATES, modes=PRUNE_MODES + (NM_MODE,),
+                     backend="auto", nm_backend=None) -> dict:
+    """{(prune_mode, rate): test accuracy} of ``model`` pruned per unit at each rate, and for
+    ``"nm"`` pruned to the 2:4 pattern (key ``("nm", 0.5)``; layers whose fan-in 4 does not
+    divide stay dense)."""
     out = {}
     for mode in modes:
+        if mode == NM_MODE:
+            pruned = copy.deepcopy(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                prune_model(pruned, mode="nm", n=NM[0], m=NM[1], backend=nm_backend or backend)
+            out[(mode, 1 - NM[0] / NM[1])] = _accuracy(pruned, *test_data)
+            continue
         for rate in rates:
             pruned = copy.deepcopy(model)
             prune_model(pruned, rate, mode, backend=backend)
@@ -154,35 +178,86 @@ def evaluate_pruning(model: nn.Module, test_data, *, rates=PRUNE_RATES, modes=PR
     return out
 
 
+def nm_backend(backend: str, device) -> str:
+    """``backend`` if it runs N:M targeting here, else "reference" (the kernels' N:M launchers
+    are still being written; the reference computes the same bits)."""
+    from .api import targeted_nm_dropout
+
+    try:
+        targeted_nm_dropout(torch.ones(1, NM[1], device=device), 0.5, n=NM[0], m=NM[1], seed=0, backend=backend)
+        return backend
+    except NotImplementedError:
+        return "reference"
+
+
 @dataclass
 class DemoResult:
-    # rows: dicts with model, method, prune_mode, prune_rate, accuracy
+    # rows: dicts with model, method, prune_mode, prune_rate, seed, accuracy (one per training run)
     rows: list = field(default_factory=list)
     seconds: float = 0.0
     csv_path: str | None = None
     png_path: str | None = None
 
+    def accuracies(self, model: str, method: str, prune_mode: str, rate: float) -> list:
+        """The accuracy of every seed's run, in seed order."""
+        got = [r["accuracy"] for r in self.rows if (r["model"], r["method"], r["prune_mode"]) ==
+               (model, method, prune_mode) and abs(r["prune_rate"] - rate) < 1e-9]
+        if not got:
+            raise KeyError((model, method, prune_mode, rate))
+        return got
+
     def accuracy(self, model: str, method: str, prune_mode: str, rate: float) -> float:
-        for r in self.rows:
-            if (r["model"], r["method"], r["prune_mode"]) == (model, method, prune_mode) and \
-                    abs(r["prune_rate"] - rate) < 1e-9:
-                return r["accuracy"]
-        raise KeyError((model, method, prune_mode, rate))
+        """Mean accuracy over the seeds."""
+        return statistics.fmean(self.accuracies(model, method, prune_mode, rate))
+
+    def std(self, model: str, method: str, prune_mode: str, rate: float) -> float:
+        """Sample standard deviation over the seeds (0 for one seed)."""
+        acc = self.accuracies(model, method, prune_mode, rate)
+        return statistics.stdev(acc) if len(acc) > 1 else 0.0
+
+    def mark(self, model: str, method: str, prune_mode: str, rate: float, baseline: str = "none") -> str:
+        """"+" / "-" where ``method``'s mean is above / below the baseline's by more than the
+        spread (the two standard deviations added); "" otherwise, and with a single seed."""
+        if method == baseline or len(self.accuracies(model, method, prune_mode, rate)) < 2:
+            return ""
+        try:
+            diff = self.accuracy(model, method, prune_mode, rate) - self.accuracy(model, baseline, prune_mode, rate)
+        except KeyError:  # the baseline was not run
+            return ""
+        spread = self.std(model, method, prune_mode, rate) + self.std(model, baseline, prune_mode, rate)
+        return "" if abs(diff) <= spread else ("+" if diff > 0 else "-")
+
+    def cell(self, model: str, method: str, prune_mode: str, rate: float) -> str:
+        mean, std = 100 * self.accuracy(model, method, prune_mode, rate), 100 * self.std(model, method, prune_mode, rate)
+        return f"{mean:.1f}±{std:.1f}{self.mark(model, method, prune_mode, rate) or ' '}"
+
+
+def _layout(lines, first_left: bool = False) -> str:
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) if first_left and i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in lines)
 
 
 def format_table(result: DemoResult, model: str, prune_mode: str, methods) -> str:
-    """Table 2's layout: one row per prune percentage, one column per method (accuracy %)."""
-    head = ["prune"] + list(methods)
-    lines = [head]
+    """Table 2's layout: one row per prune percentage, one column per method (accuracy %,
+    mean±std over the seeds, "+"/"-" where it beats / trails "none" by more than the spread)."""
+    lines = [["prune"] + list(methods)]
     for rate in PRUNE_RATES:
-        lines.append([f"{rate:.0%}"] + [f"{100 * result.accuracy(model, m, prune_mode, rate):.1f}" for m in methods])
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines)
+        lines.append([f"{rate:.0%}"] + [result.cell(model, m, prune_mode, rate) for m in methods])
+    return _layout(lines)
+
+
+def format_nm_table(result: DemoResult, model: str, methods) -> str:
+    """One row per method: accuracy unpruned and after N:M (2:4) pruning."""
+    lines = [["method", "unpruned", f"{NM[0]}:{NM[1]} pruned"]]
+    for m in methods:
+        lines.append([m, result.cell(model, m, "weight", 0.0), result.cell(model, m, NM_MODE, 1 - NM[0] / NM[1])])
+    return _layout(lines, first_left=True)
 
 
 def _write_csv(result: DemoResult, path: str) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "method", "prune_mode", "prune_rate", "accuracy"])
+        w = csv.DictWriter(f, fieldnames=["model", "method", "prune_mode", "prune_rate", "seed", "accuracy"])
         w.writeheader()
         w.writerows(result.rows)
 
@@ -198,10 +273,14 @@ def _plot(result: DemoResult, path: str, models, methods) -> None:
     for i, model in enumerate(models):
         for j, mode in enumerate(PRUNE_MODES):
             ax = axes[i][j]
+            x = [100 * r for r in PRUNE_RATES]
             for m in methods:
                 acc = [100 * result.accuracy(model, m, mode, r) for r in PRUNE_RATES]
-                ax.plot([100 * r for r in PRUNE_RATES], acc, marker="o", ms=3, label=METHODS[m].label)
-            ax.set_title(f"{model}: {mode} pruning")
+                std = [100 * result.std(model, m, mode, r) for r in PRUNE_RATES]
+                line, = ax.plot(x, acc, marker="o", ms=3, label=METHODS[m].label)
+                ax.fill_between(x, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)],
+                                color=line.get_color(), alpha=0.18, linewidth=0)
+            ax.set_title(f"{model}: {mode} pruning (mean ± std)")
             ax.set_xlabel("prune %")
             ax.set_ylabel("test accuracy %")
             ax.set_ylim(0, 100)
@@ -212,12 +291,14 @@ def _plot(result: DemoResult, path: str, models, methods) -> None:
     plt.close(fig)
 
 
-def check_args(*, epochs, device, backend, methods, models, threads):
+def check_args(*, epochs, device, backend, methods, models, threads, seeds=1):
     """ValueError naming the bad argument; returns (device, threads) with defaults filled in."""
     from ._registry import resolve
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"methods must name {', '.join(METHODS)}; got {m!r}")
@@ -238,50 +319,64 @@ def check_args(*, epochs, device, backend, methods, models, threads):
     return device, threads
 
 
-def run_demo(*, epochs: int = 20, seed: int = 0, out: str | None = "demo_out", device=None, backend: str = "auto",
-             methods=DEFAULT_METHODS, models=tuple(MODELS), progress: bool = True, log=None,
+def run_demo(*, epochs: int = 20, seed: int = 0, seeds: int = 3, out: str | None = "demo_out", device=None,
+             backend: str = "auto", methods=DEFAULT_METHODS, models=tuple(MODELS), progress: bool = True, log=None,
              threads: int | None = None) -> DemoResult:
-    """Train every (model, method), evaluate it under weight and unit pruning at 0-90%, print the
-    tables, and write ``results.csv`` and ``accuracy_vs_pruning.png`` into ``out`` (if not None).
+    """Train every (model, method) ``seeds`` times (training seeds ``seed``, ``seed + 1``, ...; the
+    data split is ``seed``'s), evaluate each under weight and unit pruning at 0-90% and 2:4
+    pruning, print the tables (mean±std), and write ``results.csv`` and
+    ``accuracy_vs_pruning.png`` into ``out`` (if not None).
 
     ``threads``: torch CPU threads while it runs; None means 1 on CPU: these layers are too small
     to gain from intra-op threads, and on a busy small machine extra threads cost several times
     the run time (measured on a 2-core box: see the README's Demo section)."""
     device, threads = check_args(epochs=epochs, device=device, backend=backend, methods=methods, models=models,
-                                 threads=threads)
+                                 threads=threads, seeds=seeds)
     log = sys.stdout if log is None else log  # looked up per call, so redirection works
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(epochs, seed, out, device, backend, methods, models, progress, log)
+        return _run(epochs, seed, seeds, out, device, backend, methods, models, progress, log)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _run(epochs, seed, out, device, backend, methods, models, progress, log) -> DemoResult:
+def _run(epochs, seed, seeds, out, device, backend, methods, models, progress, log) -> DemoResult:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     train_data, test_data = load_data(seed, device)
     steps = epochs * -(-len(train_data[0]) // 64)
+    nm = nm_backend(backend, device)
     result = DemoResult()
-    with tqdm(total=steps * len(models) * len(methods), file=sys.stderr, disable=not progress,
+    with tqdm(total=steps * len(models) * len(methods) * seeds, file=sys.stderr, disable=not progress,
               unit="step", dynamic_ncols=True) as bar:
         for model_name in models:
             for m in methods:
-                bar.set_description(f"{model_name} {m}")
-                torch.manual_seed(seed)  # same initial weights for every method
-                model = make_model(model_name).to(device)
-                train(model, METHODS[m], train_data, epochs=epochs, seed=seed, backend=backend, progress=bar)
-                for (mode, rate), acc in evaluate_pruning(model, test_data, backend=backend).items():
-                    result.rows.append({"model": model_name, "method": m, "prune_mode": mode,
-                                        "prune_rate": rate, "accuracy": round(acc, 6)})
+                for s in range(seed, seed + seeds):
+                    bar.set_description(f"{model_name} {m} seed {s}")
+                    torch.manual_seed(s)  # same initial weights for every method
+                    model = make_model(model_name).to(device)
+                    train(model, METHODS[m], train_data, epochs=epochs, seed=s,
+                          backend=nm if METHODS[m].mode == "nm" else backend, progress=bar)
+                    for (mode, rate), acc in evaluate_pruning(model, test_data, backend=backend, nm_backend=nm).items():
+                        result.rows.append({"model": model_name, "method": m, "prune_mode": mode,
+                                            "prune_rate": rate, "seed": s, "accuracy": round(acc, 6)})
     result.seconds = time.perf_counter() - start
+    how = f"mean±std over {seeds} seeds" if seeds > 1 else "1 seed"
+    marks = (' "+"/"-": above/below "none" by more than the two std added' if seeds > 1 and "none" in methods else "")
     for model_name in models:
         for mode in PRUNE_MODES:
-            print(f"\n{model_name}, {mode} pruning: test accuracy % on digits ({len(test_data[0])} images)", file=log)
+            print(f"\n{model_name}, {mode} pruning: test accuracy % on digits ({len(test_data[0])} images, {how};"
+                  f"{marks})", file=log)
             print(format_table(result, model_name, mode, methods), file=log)
+        print(f"\n{model_name}, {NM[0]}:{NM[1]} pruning (layers whose fan-in {NM[1]} does not divide stay dense): "
+              f"test accuracy % ({how})", file=log)
+        print(format_nm_table(result, model_name, methods), file=log)
     print("\n" + "\n".join(f"{m}: {METHODS[m].label}" for m in methods), file=log)
+    if nm != backend and any(METHODS[m].mode == "nm" for m in methods):
+        print(f"(N:M targeting ran on backend 'reference': backend {backend!r} does not implement it yet here)",
+              file=log)
     if out is not None:
         os.makedirs(out, exist_ok=True)
         result.csv_path = os.path.join(out, "results.csv")
@@ -289,6 +384,6 @@ def _run(epochs, seed, out, device, backend, methods, models, progress, log) -> 
         _write_csv(result, result.csv_path)
         _plot(result, result.png_path, models, methods)
         print(f"\nwrote {result.csv_path} and {result.png_path}", file=log)
-    print(f"{len(models) * len(methods)} models trained and evaluated in {result.seconds:.1f} s on {device} "
+    print(f"{len(models) * len(methods) * seeds} models trained and evaluated in {result.seconds:.1f} s on {device} "
           f"(backend={backend!r}, {torch.get_num_threads()} CPU threads)", file=log)
     return result

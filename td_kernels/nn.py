@@ -1,68 +1,220 @@
-"""Training integration: targeted dropout as a parametrization of a layer's weight.
+"""Training integration: targeted dropout inside a layer's forward, with plain checkpoints.
 
-``apply_targeted_dropout(model, drop_rate, targ_rate)`` registers a :class:`TargetedDropout`
-parametrization (``torch.nn.utils.parametrize``) on the ``weight`` of every ``nn.Linear`` and
-``nn.Conv1d/2d/3d`` except the logits layer, so ``layer.weight`` is the targeted weight in
-training mode (a fresh seed every forward) and the plain weight in eval mode. The parameter
-itself lives on as ``layer.parametrizations.weight.original`` and receives the masked gradient
-(SPEC section 7). ``remove_targeted_dropout(model)`` undoes it and leaves plain weights.
+``apply_targeted_dropout(model, drop_rate, targ_rate)`` keeps every layer's class and its
+parameters as they are. To each targeted layer it adds one submodule, ``layer.targeted_dropout``
+(a :class:`TargetedDropout` holding the settings: no parameters, no buffers), and replaces the
+layer's ``forward`` on that instance by one shared function: it computes the targeted weight
+(SPEC sections 4-7) in training mode and calls the layer type's "forward with this weight"
+(``F.linear`` for ``nn.Linear``, ``_conv_forward`` for ``nn.ConvNd``, ``addmm`` for transformers'
+``Conv1D``). So ``model.state_dict()`` has exactly the plain model's keys, a plain checkpoint
+loads strictly into a targeted model and back, the gradient reaches ``layer.weight`` masked as
+in the forward, and ``torch.compile`` sees one function for every layer of a type (no class per
+module, no recompile per layer). ``remove_targeted_dropout(model)`` restores the plain layers.
 
-Unit mode can instead act on the layer's *output* (``apply_to="output"``): a forward hook
+Which layers and which dimension holds their units is a small registry (:func:`register_layer`):
+``nn.Linear`` and ``nn.Conv1d/2d/3d`` (units = rows of the weight) and transformers' ``Conv1D``
+(weight ``[in, out]``: units along dim 1, recognised by name so transformers is never imported
+here). The SPEC's rows are the units: the targeted view of a weight is ``w.movedim(unit_dim, 0)``.
+A layer whose units are not dim 0 gets its parameter's storage re-laid once, at apply time, so
+that this view is contiguous (same Parameter object, shape and state_dict): no per-step copy.
+
+Random stream: each TargetedDropout draws one base seed ``b`` in ``[0, 2**62)`` from torch's
+default CPU generator when it is created (``apply_targeted_dropout`` creates them in
+``named_modules()`` order), and counts its training forwards in ``c``: forward number ``c`` uses
+seed ``b + c``. After ``torch.manual_seed(s)`` then ``apply_targeted_dropout`` every process draws
+the same masks at every step, whatever else it draws from the default generator, with no
+collective; ``get_rng_state`` / ``set_rng_state`` save and restore ``(b, c)`` for exact resume.
+``b + c`` lives in an int64 CPU tensor held as a plain attribute (not a buffer: ``.to()`` leaves
+it on the CPU and ``state_dict()`` does not see it), beside the op's other params; a compiled
+model reads the seed and advances ``c`` with tensor ops, so a new step is new data, never a
+recompile.
+
+Unit mode can act on the layer's *output* instead (``apply_to="output"``): the same forward
 replaces the output channels of dropped units by the bias, ``out = where(keep, x W^T + b, b)``,
 which equals ``x (W * keep)^T + b`` (a dropped unit keeps its bias: the paper prunes weights,
 not biases, section 2.1) without ever writing a masked copy of W.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import numbers
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from . import reference
+from . import api, ops, reference
 from ._registry import check_name
-from .api import _check_rate
+from .api import _check_rate, _fan_in, _is_dtensor
 
-__all__ = ["TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout",
-           "targeted_dropout_modules", "prunable_layers", "LAST_LINEAR"]
+__all__ = ["TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout", "targeted_dropout_modules",
+           "prunable_layers", "register_layer", "layer_type", "unit_view", "LayerType", "get_rng_state",
+           "set_rng_state", "LAST_LINEAR"]
 
-MODES = ("weight", "unit")
-LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# the default for `exclude`: the last nn.Linear of the model (its logits layer), which the
-# paper neither regularises nor prunes (section 5: "all weight matrices except those leading
-# to the logits")
+MODES = ("weight", "unit", "nm")
+# the default for `exclude`: the model's output head, i.e. the last layer (in named_modules
+# order) whose parameter is a matrix (nn.Linear, transformers' Conv1D, ...), which the paper
+# neither regularises nor prunes (section 5: "all weight matrices except those leading to the
+# logits"); convolutions (3-D and up) are never taken for it
 LAST_LINEAR = "last_linear"
-_HOOK_ATTR = "targeted_dropout"  # submodule name of the output-side variant's settings
-_HANDLE_ATTR = "_targeted_dropout_hook"
+ATTR = "targeted_dropout"  # the submodule holding a targeted layer's settings
+SEED_BASE_LIMIT = 2**62    # b + c stays below the SPEC's 2**63 for 2**62 forwards
 
 
 def _check_mode(mode) -> str:
     if mode not in MODES:
-        raise ValueError(f"mode must be 'weight' or 'unit', got {mode!r}")
+        raise ValueError(f"mode must be 'weight', 'unit' or 'nm', got {mode!r}")
     return mode
 
 
-class TargetedDropout(nn.Module):
-    """Targeted dropout of a weight, for ``parametrize.register_parametrization``.
+def _check_nm_args(mode: str, n, m) -> tuple:
+    """``(n, m)`` for mode "nm" (default 2:4), ``(None, None)`` otherwise."""
+    if mode != "nm":
+        if n is not None or m is not None:
+            raise ValueError(f"n and m set the N:M pattern of mode='nm'; mode={mode!r} takes neither")
+        return None, None
+    return reference.check_nm(2 if n is None else n, 4 if m is None else m)
 
-    ``forward(w)`` returns ``td.targeted_weight_dropout(w, drop_rate, targ_rate)`` (``mode=
-    "weight"``) or ``td.targeted_unit_dropout(...)`` (``mode="unit"``) with a fresh seed drawn
-    from torch's default generator, in training mode; ``w`` itself in eval mode. ``drop_rate``
-    and ``targ_rate`` may be reassigned at any time (schedules do).
+
+# ---- the layer registry ------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerType:
+    """How td_kernels targets one layer type: its parameter ``param``, the dimension
+    ``unit_dim`` of that parameter which indexes units, and ``forward(layer, weight, *args,
+    **kwargs)``: the layer's forward computed with ``weight`` in place of the parameter (None:
+    the class's own forward with the parameter swapped, see :func:`register_layer`)."""
+    key: object  # the class, or "module.QualName" for a class recognised by name
+    param: str = "weight"
+    unit_dim: int = 0
+    forward: Optional[Callable] = None
+
+
+_LAYERS: dict = {}
+
+
+def register_layer(cls, param: str = "weight", unit_dim: int = 0, forward: Optional[Callable] = None) -> LayerType:
+    """Teach targeted dropout, pruning, schedules and the sparsity report a layer type.
+
+    ``cls``: an ``nn.Module`` subclass, or its ``"module.QualName"`` (matched by name, so the
+    library that defines it is never imported here). ``param``: the name of the weight
+    parameter. ``unit_dim``: the dimension of that parameter that indexes units (output features
+    or channels); every other dimension is fan-in. ``forward(layer, weight, *args, **kwargs)``
+    returns what ``layer(*args, **kwargs)`` returns with ``weight`` (same shape as the
+    parameter) in place of the parameter. Without it the class's own forward runs with the
+    parameter temporarily swapped (``torch.nn.utils.stateless``): correct, but slower to trace
+    under torch.compile. Subclasses match too, unless they override ``forward`` (then the
+    swapped class forward is used). Registering a class again replaces its entry."""
+    if isinstance(cls, str):
+        if "." not in cls:
+            raise ValueError(f"cls given by name must be 'module.QualName', got {cls!r}")
+    elif not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"cls must be an nn.Module subclass or its 'module.QualName', got {cls!r}")
+    if not isinstance(param, str) or not param.isidentifier():
+        raise TypeError(f"param must be the name of a parameter (a str), got {param!r}")
+    if isinstance(unit_dim, bool) or not isinstance(unit_dim, numbers.Integral) or unit_dim < 0:
+        raise TypeError(f"unit_dim must be an int >= 0, got {unit_dim!r}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable(layer, weight, *args, **kwargs) or None, got {forward!r}")
+    entry = LayerType(cls, param, int(unit_dim), forward)
+    _LAYERS[cls] = entry
+    return entry
+
+
+def _linear_forward(layer, w, x):
+    return F.linear(x, w, layer.bias)
+
+
+def _conv_forward(layer, w, x):
+    return layer._conv_forward(x, w, layer.bias)
+
+
+def _gpt2_conv1d_forward(layer, w, x):
+    # transformers.pytorch_utils.Conv1D.forward with w ([in, out]) for its weight; w is the
+    # transposed view of a contiguous [out, in] tensor, which addmm reads without a copy
+    size_out = x.size()[:-1] + (layer.nf,)
+    return torch.addmm(layer.bias, x.view(-1, x.size(-1)), w).view(size_out)
+
+
+register_layer(nn.Linear, forward=_linear_forward)
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_layer(_conv, forward=_conv_forward)
+register_layer("transformers.pytorch_utils.Conv1D", unit_dim=1, forward=_gpt2_conv1d_forward)
+
+
+def layer_type(module: nn.Module) -> Optional[LayerType]:
+    """The registry entry that serves ``module`` (its class or the nearest registered base), or
+    None. A subclass that overrides ``forward`` gets the entry without its forward function."""
+    cls = type(module)
+    for base in cls.__mro__:
+        entry = _LAYERS.get(base) or _LAYERS.get(f"{base.__module__}.{base.__qualname__}")
+        if entry is None:
+            continue
+        if base is not cls and entry.forward is not None and getattr(cls, "forward", None) is not base.forward:
+            entry = LayerType(entry.key, entry.param, entry.unit_dim, None)
+        return entry
+    return None
+
+
+def unit_view(layer: nn.Module) -> Tensor:
+    """The layer's weight with its units first (``w.movedim(unit_dim, 0)``): the SPEC's rows."""
+    entry = layer_type(layer)
+    if entry is None:
+        raise TypeError(f"{type(layer).__name__} is not a registered layer type; see td.register_layer")
+    w = getattr(layer, entry.param)
+    return w.movedim(entry.unit_dim, 0) if entry.unit_dim else w
+
+
+def _forward_with(entry: LayerType, layer: nn.Module, w: Tensor, args, kwargs):
+    if entry.forward is not None:
+        return entry.forward(layer, w, *args, **kwargs)
+    from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call uses
+
+    with _reparametrize_module(layer, {entry.param: w}):
+        return type(layer).forward(layer, *args, **kwargs)
+
+
+# ---- the settings module -----------------------------------------------------------------
+class TargetedDropout(nn.Module):
+    """Targeted dropout of one layer's weight: the settings and the random stream.
+
+    ``forward(w)`` returns, in training mode, ``td.targeted_weight_dropout(w, drop_rate,
+    targ_rate)`` (``mode="weight"``), ``td.targeted_unit_dropout(...)`` (``"unit"``) or
+    ``td.targeted_nm_dropout(w, drop_rate, n=n, m=m)`` (``"nm"``, where ``targ_rate`` is None:
+    each group of m weights has exactly m - n candidates) with units along ``unit_dim``, seeded
+    ``b + c`` (then ``c += 1``, see the module docstring); ``w`` itself in eval mode. The rates
+    may be reassigned at any time (schedules do). It has no parameters or buffers.
     """
 
-    def __init__(self, drop_rate: float, targ_rate: float, mode: str = "weight", backend: str = "auto"):
+    def __init__(self, drop_rate: float, targ_rate: Optional[float] = None, mode: str = "weight",
+                 backend: str = "auto", *, n: Optional[int] = None, m: Optional[int] = None, unit_dim: int = 0):
         super().__init__()
+        self.mode = _check_mode(mode)
+        self.n, self.m = _check_nm_args(mode, n, m)
         # the rates also live in a CPU float64 tensor (a plain attribute, so .to(device) leaves it
         # on the CPU): a compiled model reads them from there and a schedule changing them every
         # step never recompiles it
-        self._rates = torch.zeros(2, dtype=torch.float64)
+        self._rates = torch.zeros(2, dtype=torch.float64, device="cpu")
+        # and, once the layer's shape is known (_attach), as the op's int64 params after the
+        # seed (k, D, window) in _state = [b + c, *params], kept up to date by the setters: the
+        # compiled forward adds two nodes per layer to the graph (clone, in-place add) instead of
+        # the count/threshold arithmetic, which made the whole-model compile of 84 targeted
+        # layers take twice the plain model's time
+        self._shape: Optional[tuple] = None
+        self._state: Optional[Tensor] = None
         self.drop_rate = drop_rate
         self.targ_rate = targ_rate
-        self.mode = _check_mode(mode)
         check_name(backend)  # now, not at the first training forward
         self.backend = backend
+        self.unit_dim = int(unit_dim)
+        self.apply_to = "weight"
+        self.layer_type: Optional[LayerType] = None  # set by apply_targeted_dropout
+        # the base seed b; device="cpu" even under a meta device context
+        self._base = int(torch.randint(0, SEED_BASE_LIMIT, (), dtype=torch.int64, device="cpu"))
+        self._state = torch.tensor([self._base], dtype=torch.int64, device="cpu")  # [b + c, *params tail]
+        self._inc = torch.tensor([1], dtype=torch.int64, device="cpu")
 
     # validated on every assignment, so a schedule cannot set a rate outside [0, 1]
     @property
@@ -73,42 +225,123 @@ class TargetedDropout(nn.Module):
     def drop_rate(self, value) -> None:
         self._drop_rate = _check_rate("drop_rate", value)
         self._rates[0] = self._drop_rate
+        self._sync_params()
 
     @property
-    def targ_rate(self) -> float:
+    def targ_rate(self) -> Optional[float]:
         return self._targ_rate
 
     @targ_rate.setter
     def targ_rate(self, value) -> None:
+        if self.mode == "nm":
+            if value is not None:
+                raise ValueError("targ_rate has no meaning for mode='nm' (each group of m weights has exactly m - n "
+                                 f"candidates); leave it None, got {value!r}")
+            self._targ_rate = None
+            return
+        if value is None:
+            raise TypeError(f"mode={self.mode!r} needs a targ_rate in [0, 1], got None")
         self._targ_rate = _check_rate("targ_rate", value)
         self._rates[1] = self._targ_rate
+        self._sync_params()
 
+    def _attach(self, units: int, fan_in: int) -> None:
+        """Record the targeted view's shape ``[U, F]`` (apply_targeted_dropout does)."""
+        self._shape = (units, fan_in)
+        self._sync_params()
+
+    def _sync_params(self) -> None:
+        if self._shape is None or self._state is None or not hasattr(self, "_targ_rate"):
+            return
+        U, F = self._shape
+        D = reference.drop_threshold(self._drop_rate)
+        if self.mode == "weight":  # ops.WEIGHT_PARAMS, NM_PARAMS, UNIT_PARAMS less the seed
+            tail = (reference.count(self._targ_rate, F), D, 0, F)
+        elif self.mode == "nm":
+            tail = (D, 0, F)
+        else:
+            tail = (reference.count(self._targ_rate, U), D)
+        if self._state.numel() == 1 + len(tail):  # in place: a compiled graph holds this tensor as an input
+            self._state[1:] = torch.tensor(tail, dtype=torch.int64)
+        else:
+            self._state = torch.tensor((int(self._state[0]), *tail), dtype=torch.int64, device="cpu")
+            self._inc = torch.zeros_like(self._state)
+            self._inc[0] = 1
+
+    @property
+    def _rng(self) -> Tensor:
+        """``(b, c)``: the base seed and the training forwards so far (a new int64 CPU tensor)."""
+        return torch.tensor([self._base, int(self._state[0]) - self._base], dtype=torch.int64)
+
+    def _set_rng(self, base: int, calls: int) -> None:
+        self._base = int(base)
+        self._state[0] = int(base) + int(calls)
     def _active(self) -> bool:
         # rate 0 means no candidate or no drop: the op would return W unchanged, so skip it
-        return self.training and self.drop_rate > 0.0 and self.targ_rate > 0.0
+        return self.drop_rate > 0.0 and (self.mode == "nm" or self.targ_rate > 0.0)
+
+    def _next_params(self) -> Tensor:
+        """``[b + c, *params tail]`` of this training forward (the op's params once attached);
+        then ``c += 1``. Two graph nodes per layer under torch.compile (clone, in-place add)."""
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            # a forward run during a backward is activation checkpointing recomputing the last
+            # forward (torch.utils.checkpoint, reentrant or not): it must draw that forward's mask
+            params = self._state.clone()
+            params[0] = max(int(params[0]) - 1, self._base)
+            return params
+        params = self._state.clone()
+        self._state.add_(self._inc)  # in place: under torch.compile a mutation of a graph input, written back
+        return params
+
+    def _next_seed(self) -> Tensor:
+        """Seed ``b + c`` of this training forward as a 0-dim int64 CPU tensor; then ``c += 1``."""
+        return self._next_params()[0]
+
+    def _target(self, w: Tensor, seed: Tensor, drop_rate, targ_rate) -> Tensor:
+        v = w.movedim(self.unit_dim, 0) if self.unit_dim else w
+        if self.mode == "weight":
+            out = api.targeted_weight_dropout(v, drop_rate, targ_rate, seed=seed, backend=self.backend)
+        elif self.mode == "unit":
+            out = api.targeted_unit_dropout(v, drop_rate, targ_rate, seed=seed, backend=self.backend)
+        else:
+            out = api.targeted_nm_dropout(v, drop_rate, n=self.n, m=self.m, seed=seed, backend=self.backend)
+        return out.movedim(0, self.unit_dim) if self.unit_dim else out
+
+    def _target_compiled(self, w: Tensor, params: Tensor) -> Tensor:
+        """The op on ``params``: the public function's op call, minus the checks (made eagerly
+        when the settings were) and the params arithmetic."""
+        v = w.movedim(self.unit_dim, 0) if self.unit_dim else w
+        if self.mode == "weight":
+            out = ops.weight_dropout(v, params, self.backend, api.DEFAULT_MASK)[0]
+        elif self.mode == "nm":
+            out = ops.nm_dropout(v, params, self.n, self.m, self.backend, api.DEFAULT_MASK)[0]
+        else:
+            out = ops.unit_dropout(v, params, self.backend)[0]
+        return out.movedim(0, self.unit_dim) if self.unit_dim else out
 
     def forward(self, w: Tensor) -> Tensor:
-        import td_kernels as td  # at call time: td_kernels imports this module
-
-        fn = td.targeted_weight_dropout if self.mode == "weight" else td.targeted_unit_dropout
+        if not self.training:
+            return w
+        params = self._next_params()  # every training forward advances c, whether or not it drops
+        seed = params[0]
         if torch.compiler.is_compiling():
             # read no Python float here: each would be a guard, and each new value a recompile
-            if not self.training:
-                return w
-            return fn(w, self._rates[0], self._rates[1], training=True, backend=self.backend)
+            U = w.shape[self.unit_dim]
+            if self._shape == (U, w.numel() // U if U else 0) and not _is_dtensor(w):
+                return self._target_compiled(w, params)
+            return self._target(w, seed, self._rates[0], None if self.mode == "nm" else self._rates[1])
         if not self._active():
             return w
-        return fn(w, self.drop_rate, self.targ_rate, training=True, backend=self.backend)
+        return self._target(w, seed, self.drop_rate, self.targ_rate)
 
-    def unit_keep(self, w: Tensor, seed: int | None = None) -> Tensor:
-        """Bool ``[U]``: the units unit targeting keeps for this seed (SPEC section 4, 6).
+    def unit_keep(self, w: Tensor, seed=None) -> Tensor:
+        """Bool ``[U]``: the units unit targeting keeps for this seed (SPEC sections 4, 6); ``w``
+        in the layer's layout (units along ``unit_dim``); ``seed`` None draws the next one.
 
         Costs one read of W (the row norms), a selection over U norms and U random words; no
         masked copy of W."""
-        import td_kernels as td
-        from .api import _seed_tensor  # the library's one way to draw a seed (SPEC section 9)
-
-        s = int(_seed_tensor(seed))
+        s = int(self._next_seed() if seed is None else api._seed_tensor(seed))
+        w = w.movedim(self.unit_dim, 0) if self.unit_dim else w
         w2d = w.detach().reshape(w.shape[0], -1)
         U = w2d.shape[0]
         k = reference.count(self.targ_rate, U)
@@ -121,43 +354,118 @@ class TargetedDropout(nn.Module):
         # (all candidates) draws the same words (flat index j = u) and zeroes exactly those
         # positions: one backend call, where Philox in torch ops costs ~0.7 ms at any U.
         ones = torch.ones(1, U, dtype=torch.float32, device=w.device)
-        coin = td.targeted_weight_dropout(ones, self.drop_rate, 1.0, seed=s, backend=self.backend)[0] == 0
+        coin = api.targeted_weight_dropout(ones, self.drop_rate, 1.0, seed=s, backend=self.backend)[0] == 0
         return ~(candidate & coin)
 
+    def _mask_output(self, out: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """out = where(keep, x W^T + b, b) along the channel dim: equals x (W*keep)^T + b."""
+        if not self.training:
+            return out
+        seed = self._next_seed()
+        if not self._active():
+            return out
+        keep = self.unit_keep(w, seed)
+        # the channel dim: last for a matrix weight (Linear, Conv1D); for ConvNd, before the N
+        # spatial dims (the input may be unbatched)
+        shape = [1] * out.ndim
+        shape[out.ndim - w.ndim + 1] = -1
+        keep = keep.view(shape)
+        if bias is None:
+            return out * keep.to(out.dtype)  # dropped units output exactly 0 = x . 0
+        return torch.where(keep, out, bias.view(shape).to(out.dtype))
+
     def extra_repr(self) -> str:
-        return f"drop_rate={self.drop_rate}, targ_rate={self.targ_rate}, mode={self.mode!r}, backend={self.backend!r}"
+        rates = f"drop_rate={self.drop_rate}, " + (f"n={self.n}, m={self.m}" if self.mode == "nm"
+                                                    else f"targ_rate={self.targ_rate}")
+        extra = f", apply_to={self.apply_to!r}" if self.apply_to != "weight" else ""
+        return f"{rates}, mode={self.mode!r}, backend={self.backend!r}{extra}"
 
 
-# ---- the output-side unit variant --------------------------------------------------------
-def _output_hook(layer: nn.Module, inputs, out: Tensor):
-    """out = where(keep, x W^T + b, b) along the channel dim: equals x (W*keep)^T + b."""
-    tdm: TargetedDropout = getattr(layer, _HOOK_ATTR)
-    if not tdm._active():
-        return None
-    keep = tdm.unit_keep(layer.weight)
-    # channel dim: last for Linear; for ConvNd, before the N spatial dims (input may be unbatched)
-    ch = out.ndim - 1 if isinstance(layer, nn.Linear) else out.ndim - 1 - (layer.weight.ndim - 2)
-    shape = [1] * out.ndim
-    shape[ch] = -1
-    keep = keep.view(shape)
-    if layer.bias is None:
-        return out * keep.to(out.dtype)  # dropped units output exactly 0 = x . 0
-    return torch.where(keep, out, layer.bias.view(shape).to(out.dtype))
+# ---- the forward that replaces a targeted layer's --------------------------------------------
+def _targeted_forward(self, *args, **kwargs):
+    """The forward of every targeted layer: the layer type's forward with the targeted weight.
+
+    One module-level function bound to each layer: torch.compile guards on its code, the same
+    for every layer, so identical blocks share one graph."""
+    tdm = self.targeted_dropout
+    entry = tdm.layer_type
+    w = getattr(self, entry.param)
+    if tdm.apply_to == "output":
+        return tdm._mask_output(_forward_with(entry, self, w, args, kwargs), w, getattr(self, "bias", None))
+    return _forward_with(entry, self, tdm(w), args, kwargs)
 
 
-# ---- applying and removing ---------------------------------------------------------------
-def prunable_layers(model: nn.Module, exclude=LAST_LINEAR) -> list[tuple[str, nn.Module]]:
-    """``(name, layer)`` of every nn.Linear / nn.ConvNd of ``model`` except the excluded ones.
+def _bind(fn, obj):
+    return types.MethodType(fn, obj)
 
-    ``exclude``: ``LAST_LINEAR`` (default: the last nn.Linear in ``model.named_modules()``
-    order, normally the logits layer), or an iterable of module names and/or modules
-    (``()`` excludes nothing)."""
+
+class _Rebind:
+    """Pickles (and deep-copies) as ``_bind(fn, layer)``: a method pickles by its name, and the
+    instance-level forward has no name on the layer's class to be found by."""
+
+    def __init__(self, method):
+        self.fn, self.obj = method.__func__, method.__self__
+
+    def __reduce__(self):
+        return _bind, (self.fn, self.obj)
+
+
+def _targeted_getstate(self):
+    state = type(self).__getstate__(self)  # nn.Module's: a copy of __dict__
+    for name in ("forward", "__getstate__"):
+        state[name] = _Rebind(state[name])
+    return state
+
+
+def _install(layer: nn.Module, tdm: TargetedDropout) -> None:
+    layer.add_module(ATTR, tdm)  # a submodule, so model.train()/eval() reach it
+    layer.forward = _bind(_targeted_forward, layer)
+    # an instance-level __getstate__ lets torch.save(model) / pickle / deepcopy rebind the forward
+    layer.__getstate__ = _bind(_targeted_getstate, layer)
+
+
+def _uninstall(layer: nn.Module) -> None:
+    for name in ("forward", "__getstate__"):
+        layer.__dict__.pop(name, None)
+    delattr(layer, ATTR)
+
+
+def _relayout(layer: nn.Module, entry: LayerType, units_first: bool) -> None:
+    """Re-lay a parameter whose units are not dim 0 once, so that the units-first view is
+    contiguous (``units_first``) or back to the standard layout: same Parameter object, shape,
+    values and state_dict; a DTensor's local layout is its sharding's business."""
+    p = layer._parameters.get(entry.param)
+    if not entry.unit_dim or not isinstance(p, nn.Parameter) or _is_dtensor(p):
+        return
+    with torch.no_grad():
+        if units_first and not p.movedim(entry.unit_dim, 0).is_contiguous():
+            p.data = p.data.movedim(entry.unit_dim, 0).contiguous().movedim(0, entry.unit_dim)
+        elif not units_first and not p.is_contiguous():
+            p.data = p.data.contiguous()
+
+
+# ---- choosing layers ---------------------------------------------------------------------
+def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+
+
+def _output_head(layers) -> set:
+    heads = [n for n, m in layers if getattr(m, layer_type(m).param).ndim == 2]
+    return set(heads[-1:])
+
+
+def prunable_layers(model: nn.Module, exclude=LAST_LINEAR) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every layer of a registered type (nn.Linear, nn.ConvNd,
+    transformers' Conv1D, :func:`register_layer`) in ``model`` except the excluded ones.
+
+    ``exclude``: ``LAST_LINEAR`` (default: the output head, the last layer in
+    ``model.named_modules()`` order whose weight is a matrix), or an iterable of module names
+    and/or modules (``()`` excludes nothing)."""
+    _check_model(model)
+    layers = [(n, m) for n, m in model.named_modules() if layer_type(m) is not None]
     if isinstance(exclude, str) and exclude == LAST_LINEAR:
-        linears = [n for n, m in layers if isinstance(m, nn.Linear)]
-        names, mods = set(linears[-1:]), set()
+        names, mods = _output_head(layers), set()
     elif isinstance(exclude, (str, nn.Module)) or not isinstance(exclude, Iterable):
         raise TypeError(f"exclude must be {LAST_LINEAR!r} or an iterable of module names / modules, "
                         f"got {exclude!r}")
@@ -176,69 +484,119 @@ def prunable_layers(model: nn.Module, exclude=LAST_LINEAR) -> list[tuple[str, nn
     return [(n, m) for n, m in layers if n not in names and id(m) not in mods]
 
 
+def _tied_parameters(model: nn.Module) -> set:
+    """ids of the parameters held by more than one module (tied weights: GPT-2's lm_head and wte)."""
+    owners: dict = {}
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(mod))
+    return {pid for pid, mods in owners.items() if len(mods) > 1}
+
+
+def _select(model, layers, what: str, *, m: Optional[int] = None, in_forward: bool = False):
+    """Drop (with one warning per reason) the layers ``what`` must not touch: a tied weight
+    (changing it would change the other module's too), a layer whose parent reads its weight
+    without calling its forward (``in_forward``: nn.MultiheadAttention's out_proj), and for N:M
+    a fan-in that ``m`` does not divide."""
+    tied = _tied_parameters(model)
+    unreached = {id(mha.out_proj) for mha in model.modules() if isinstance(mha, nn.MultiheadAttention)} \
+        if in_forward else set()
+    kept, skipped = [], {}
+    for name, layer in layers:
+        entry = layer_type(layer)
+        p = layer._parameters.get(entry.param)
+        if p is not None and id(p) in tied:
+            skipped.setdefault(f"its {entry.param} is tied to another module's (changing it would change both)",
+                               []).append(name)
+        elif id(layer) in unreached:
+            skipped.setdefault("nn.MultiheadAttention reads its weight without calling its forward",
+                               []).append(name)
+        elif m is not None and _fan_in(unit_view(layer)) % m:
+            skipped.setdefault(f"m={m} does not divide its fan-in (N:M groups are m consecutive weights of a unit)",
+                               []).append(name)
+        else:
+            kept.append((name, layer))
+    for why, names in skipped.items():
+        warnings.warn(f"{what} skips {', '.join(map(repr, names))}: {why}", stacklevel=3)
+    return kept
+
+
+def _nothing_to(what: str, model: nn.Module, exclude) -> ValueError:
+    head = ""
+    if isinstance(exclude, str) and exclude == LAST_LINEAR:
+        found = _output_head([(n, m) for n, m in model.named_modules() if layer_type(m) is not None])
+        if found:
+            head = f"; the default exclude={LAST_LINEAR!r} leaves out the output head {found.pop()!r} (exclude=() keeps it)"
+    return ValueError(f"{what} found no layer to work on in {type(model).__name__}: it serves nn.Linear, "
+                      f"nn.Conv1d/2d/3d, transformers' Conv1D and the types added with td.register_layer{head}")
+
+
 def _has_ours(layer: nn.Module) -> bool:
-    if hasattr(layer, _HANDLE_ATTR):
-        return True
-    if parametrize.is_parametrized(layer, "weight"):
-        return any(isinstance(p, TargetedDropout) for p in layer.parametrizations.weight)
-    return False
+    return isinstance(layer._modules.get(ATTR), TargetedDropout)
 
 
-def apply_targeted_dropout(model: nn.Module, drop_rate: float, targ_rate: float, mode: str = "weight",
-                           exclude=LAST_LINEAR, *, backend: str = "auto", apply_to: str = "weight") -> list[str]:
-    """Add targeted dropout to the weight of every nn.Linear / nn.ConvNd of ``model`` except
-    ``exclude`` (see :func:`prunable_layers`); returns the names of the layers it changed.
+# ---- applying and removing ---------------------------------------------------------------
+def apply_targeted_dropout(model: nn.Module, drop_rate: float, targ_rate: Optional[float] = None,
+                           mode: str = "weight", exclude=LAST_LINEAR, *, n: Optional[int] = None,
+                           m: Optional[int] = None, backend: str = "auto", apply_to: str = "weight") -> list[str]:
+    """Add targeted dropout to every layer of a registered type in ``model`` except ``exclude``
+    (see :func:`prunable_layers`); returns the names of the layers it changed.
 
-    ``apply_to="weight"`` (default) parametrizes ``layer.weight``; ``apply_to="output"`` (unit
-    mode only) masks the layer's output channels instead, keeping their bias."""
-    _check_rate("drop_rate", drop_rate)
-    _check_rate("targ_rate", targ_rate)
+    ``mode="weight"`` / ``"unit"`` take ``drop_rate`` and ``targ_rate``; ``mode="nm"`` takes
+    ``drop_rate`` and the pattern ``n``, ``m`` (default 2:4) and no ``targ_rate``. Layers whose
+    weight is tied to another module's, and for N:M those whose fan-in ``m`` does not divide, are
+    skipped with a warning; a model with nothing left to target raises ValueError.
+    ``apply_to="output"`` (unit mode only) masks the layer's output channels instead, keeping
+    their bias. Each layer draws its base seed from torch's default generator, in
+    ``named_modules()`` order (see the module docstring)."""
+    _check_model(model)
     _check_mode(mode)
+    n, m = _check_nm_args(mode, n, m)
+    _check_rate("drop_rate", drop_rate)
+    if mode == "nm":
+        if targ_rate is not None:
+            raise ValueError("targ_rate has no meaning for mode='nm' (each group of m weights has exactly m - n "
+                             f"candidates); leave it out, got targ_rate={targ_rate!r}")
+    else:
+        if targ_rate is None:
+            raise TypeError(f"mode={mode!r} needs a targ_rate in [0, 1]")
+        _check_rate("targ_rate", targ_rate)
+    check_name(backend)
     if apply_to not in ("weight", "output"):
         raise ValueError(f"apply_to must be 'weight' or 'output', got {apply_to!r}")
     if apply_to == "output" and mode != "unit":
         raise ValueError("apply_to='output' needs mode='unit': a weight mask is per element of W, not per output")
-    layers = prunable_layers(model, exclude)
+    layers = _select(model, prunable_layers(model, exclude), "apply_targeted_dropout", m=m, in_forward=True)
+    if not layers:
+        raise _nothing_to("apply_targeted_dropout", model, exclude)
     for name, layer in layers:
         if _has_ours(layer):
             raise ValueError(f"layer {name!r} already has targeted dropout; remove_targeted_dropout(model) first")
     for _, layer in layers:
-        tdm = TargetedDropout(drop_rate, targ_rate, mode, backend)
+        entry = layer_type(layer)
+        tdm = TargetedDropout(drop_rate, targ_rate, mode, backend, n=n, m=m, unit_dim=entry.unit_dim)
+        tdm.layer_type, tdm.apply_to = entry, apply_to
         tdm.train(layer.training)
-        if apply_to == "weight":
-            # unsafe=True skips the registration-time trial forward, which would draw a seed
-            # and so shift torch's RNG stream; TargetedDropout keeps shape and dtype anyway
-            parametrize.register_parametrization(layer, "weight", tdm, unsafe=True)
-        else:
-            layer.add_module(_HOOK_ATTR, tdm)  # a submodule, so model.train()/eval() reach it
-            setattr(layer, _HANDLE_ATTR, layer.register_forward_hook(_output_hook))
-    return [n for n, _ in layers]
+        v = unit_view(layer)
+        tdm._attach(v.shape[0], _fan_in(v))
+        _relayout(layer, entry, units_first=True)
+        _install(layer, tdm)
+    return [name for name, _ in layers]
 
 
 def remove_targeted_dropout(model: nn.Module) -> list[str]:
-    """Undo :func:`apply_targeted_dropout`: every layer gets back a plain ``weight`` Parameter
-    holding the raw (untargeted) values; returns the names of the layers it changed.
-    Other parametrizations of a weight stay in place."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    """Undo :func:`apply_targeted_dropout`: every targeted layer is the plain layer again (its
+    class's forward, its weight in the standard layout, holding the raw untargeted values);
+    returns the names of the layers it changed."""
+    _check_model(model)
     done = []
     for name, layer in list(model.named_modules()):
-        if hasattr(layer, _HANDLE_ATTR):
-            getattr(layer, _HANDLE_ATTR).remove()
-            delattr(layer, _HANDLE_ATTR)
-            delattr(layer, _HOOK_ATTR)
-            done.append(name)
-        elif parametrize.is_parametrized(layer, "weight"):
-            plist = layer.parametrizations.weight
-            ours = [i for i, p in enumerate(plist) if isinstance(p, TargetedDropout)]
-            if not ours:
-                continue
-            if len(ours) == len(plist):
-                # leave_parametrized=False: the raw weight stays, not one random targeted draw
-                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-            else:
-                for i in reversed(ours):
-                    del plist[i]
+        if _has_ours(layer):
+            entry = layer.targeted_dropout.layer_type
+            _uninstall(layer)
+            if entry is not None:
+                _relayout(layer, entry, units_first=False)
             done.append(name)
     return done
 
@@ -246,9 +604,35 @@ def remove_targeted_dropout(model: nn.Module) -> list[str]:
 def targeted_dropout_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, TargetedDropout]]:
     """``(layer_name, layer, TargetedDropout)`` for every targeted layer of ``model``."""
     for name, layer in model.named_modules():
-        if hasattr(layer, _HANDLE_ATTR):
-            yield name, layer, getattr(layer, _HOOK_ATTR)
-        elif parametrize.is_parametrized(layer, "weight"):
-            for p in layer.parametrizations.weight:
-                if isinstance(p, TargetedDropout):
-                    yield name, layer, p
+        if _has_ours(layer):
+            yield name, layer, layer.targeted_dropout
+
+
+# ---- the random stream's state -----------------------------------------------------------
+def get_rng_state(model: nn.Module) -> Tensor:
+    """The random state of every targeted layer of ``model`` (``named_modules()`` order): an
+    int64 CPU tensor ``[L, 2]`` of ``(base seed b, training forwards c)``, a copy. Save it with
+    the model and optimizer; :func:`set_rng_state` makes a resumed run draw exactly the masks
+    the uninterrupted run would have drawn (like ``torch.get_rng_state``)."""
+    _check_model(model)
+    found = [t._rng for _, _, t in targeted_dropout_modules(model)]
+    if not found:
+        raise ValueError("model has no targeted dropout: call apply_targeted_dropout(model, ...) first")
+    return torch.stack(found)
+
+
+def set_rng_state(model: nn.Module, state: Tensor) -> None:
+    """Restore what :func:`get_rng_state` returned, into a model with targeted dropout on the
+    same layers."""
+    _check_model(model)
+    found = [t for _, _, t in targeted_dropout_modules(model)]
+    if not isinstance(state, Tensor):
+        raise TypeError(f"state must be the tensor td.get_rng_state returned, got {type(state).__name__}")
+    if state.dtype != torch.int64 or tuple(state.shape) != (len(found), 2):
+        raise ValueError(f"state must be an int64 tensor of shape ({len(found)}, 2) for this model's {len(found)} "
+                         f"targeted layers, got {state.dtype} of shape {tuple(state.shape)}")
+    state = state.cpu()
+    if (state < 0).any() or (state[:, 0] >= SEED_BASE_LIMIT).any():
+        raise ValueError("state holds a negative count or a base seed >= 2**62: not a td.get_rng_state tensor")
+    for t, (base, calls) in zip(found, state.tolist()):
+        t._set_rng(base, calls)

@@ -8,7 +8,8 @@ Ramp (section 5.5), over ``total_steps`` steps, for each targeted layer with fin
 (alpha, gamma):
     targ_rate: 0 -> 0.95*gamma linearly over the first half, 0.95*gamma -> gamma over the second;
     drop_rate: 0 -> alpha linearly over the whole ramp;
-then constant at exactly (alpha, gamma).
+then constant at exactly (alpha, gamma). N:M layers (``mode="nm"``) have no targ_rate: only their
+drop_rate ramps.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .nn import TargetedDropout, _check_rate, targeted_dropout_modules
+from .nn import TargetedDropout, _check_rate, targeted_dropout_modules, unit_view
 from .reference import count
 
 __all__ = ["RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "ramp_fraction"]
@@ -90,7 +91,8 @@ class RampSchedule:
 
     ``model_or_modules``: a model (every TargetedDropout in it) or TargetedDropout modules.
     ``drop_rate`` / ``targ_rate``: the final rates; ``None`` keeps each module's own rates
-    at construction (like an LR scheduler's base_lrs)."""
+    at construction (like an LR scheduler's base_lrs). ``targ_rate`` does not apply to N:M
+    modules (their candidates are fixed by the pattern): they ramp their drop_rate only."""
 
     def __init__(self, model_or_modules, total_steps: int, *, drop_rate: float | None = None,
                  targ_rate: float | None = None):
@@ -99,20 +101,24 @@ class RampSchedule:
         n = len(self.modules)
         self.final_drop = [m.drop_rate for m in self.modules] if drop_rate is None \
             else [_check_rate("drop_rate", drop_rate)] * n
-        self.final_targ = [m.targ_rate for m in self.modules] if targ_rate is None \
-            else [_check_rate("targ_rate", targ_rate)] * n
+        if targ_rate is not None:
+            targ_rate = _check_rate("targ_rate", targ_rate)
+        self.final_targ = [None if m.mode == "nm" else m.targ_rate if targ_rate is None else targ_rate
+                           for m in self.modules]
         self.step_count = 0
         self._apply()
 
     def rates(self, step: int | None = None) -> list[tuple[float, float]]:
         """``(drop_rate, targ_rate)`` of every module at ``step`` (default: the current one)."""
         fd, ft = ramp_fraction(self.step_count if step is None else step, self.total_steps)
-        return [(d if fd == 1.0 else d * fd, t if ft == 1.0 else t * ft)
+        return [(d if fd == 1.0 else d * fd, t if ft == 1.0 or t is None else t * ft)
                 for d, t in zip(self.final_drop, self.final_targ)]
 
     def _apply(self) -> None:
         for m, (d, t) in zip(self.modules, self.rates()):
-            m.drop_rate, m.targ_rate = d, t
+            m.drop_rate = d
+            if t is not None:
+                m.targ_rate = t
 
     def step(self) -> None:
         self.step_count += 1
@@ -128,7 +134,8 @@ class RampSchedule:
                              f"{len(self.modules)}")
         self.total_steps = _check_steps(state["total_steps"])
         self.final_drop = [_check_rate("drop_rate", r) for r in state["final_drop"]]
-        self.final_targ = [_check_rate("targ_rate", r) for r in state["final_targ"]]
+        self.final_targ = [None if m.mode == "nm" else _check_rate("targ_rate", r)
+                           for m, r in zip(self.modules, state["final_targ"])]
         self.step_count = int(state["step_count"])
         self._apply()
 
@@ -155,7 +162,7 @@ class XtremeSchedule(RampSchedule):
             if tdm.mode != "weight":
                 raise ValueError(f"layer {name!r} has unit-mode targeted dropout; Xtreme keeps weights per unit, "
                                  "so it needs mode='weight'")
-            w = layer.parametrizations.weight.original
+            w = unit_view(layer)
             fan_in = w.numel() // w.shape[0]
             if keep > fan_in:
                 raise ValueError(f"keep={keep} exceeds the fan-in {fan_in} of layer {name!r}")

@@ -25,6 +25,7 @@ def test_targeted_dropout_loses_less_to_weight_pruning():
         model = demo.make_model("cnn")
         demo.train(model, demo.METHODS[method], train_data, epochs=8, seed=0)
         r = demo.evaluate_pruning(model, test_data, rates=(0.0, 0.8), modes=("weight",))
+        assert set(r) == {("weight", 0.0), ("weight", 0.8)}
         acc[method] = (r[("weight", 0.0)], r[("weight", 0.8)])
     loss = {m: a0 - a80 for m, (a0, a80) in acc.items()}
     assert acc["none"][0] > 0.9  # the baseline did learn
@@ -38,35 +39,73 @@ def _read_csv(path):
 
 
 def test_cli_demo_writes_csv_and_png(tmp_path, capsys):
-    rc = cli.main(["demo", "--epochs", "1", "--out", str(tmp_path), "--models", "mlp",
-                   "--methods", "none,targeted_unit,ramp", "--no-progress"])
+    rc = cli.main(["demo", "--epochs", "1", "--out", str(tmp_path), "--models", "mlp", "--seeds", "2",
+                   "--methods", "none,targeted_unit,ramp,targeted_nm", "--no-progress"])
     assert rc == 0
     rows = _read_csv(tmp_path / "results.csv")
-    assert len(rows) == 3 * 2 * 10  # methods x prune modes x rates
-    assert {r["method"] for r in rows} == {"none", "targeted_unit", "ramp"}
-    assert {r["prune_mode"] for r in rows} == {"weight", "unit"}
+    assert len(rows) == 4 * (2 * 10 + 1) * 2  # methods x (prune modes x rates + 2:4) x seeds
+    assert {r["method"] for r in rows} == {"none", "targeted_unit", "ramp", "targeted_nm"}
+    assert {r["prune_mode"] for r in rows} == {"weight", "unit", "nm"}
+    assert {r["seed"] for r in rows} == {"0", "1"}
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
     with open(tmp_path / "accuracy_vs_pruning.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "mlp, weight pruning" in out and "mlp, unit pruning" in out and "90%" in out
+    assert "mean±std over 2 seeds" in out and "mlp, 2:4 pruning" in out and "2:4 pruned" in out
+    assert "8 models trained" in out
+
+
+def _result(acc):
+    """A DemoResult from {(method, seed): accuracy} at one cell."""
+    r = demo.DemoResult()
+    for (m, s), a in acc.items():
+        r.rows.append({"model": "mlp", "method": m, "prune_mode": "weight", "prune_rate": 0.5, "seed": s,
+                       "accuracy": a})
+    return r
+
+
+def test_cells_give_mean_std_and_mark_differences_beyond_the_spread():
+    r = _result({("none", 0): 0.50, ("none", 1): 0.60, ("a", 0): 0.90, ("a", 1): 0.92, ("b", 0): 0.52,
+                 ("b", 1): 0.62, ("c", 0): 0.20, ("c", 1): 0.22})
+    assert r.accuracy("mlp", "none", "weight", 0.5) == pytest.approx(0.55)
+    assert r.std("mlp", "none", "weight", 0.5) == pytest.approx(0.0707107, abs=1e-6)
+    assert r.cell("mlp", "a", "weight", 0.5) == "91.0±1.4+"
+    assert r.mark("mlp", "b", "weight", 0.5) == ""      # 2 points apart, spread 14: no mark
+    assert r.mark("mlp", "c", "weight", 0.5) == "-"
+    assert r.mark("mlp", "none", "weight", 0.5) == ""
+    one = _result({("none", 0): 0.5, ("a", 0): 0.9})
+    assert one.mark("mlp", "a", "weight", 0.5) == "" and one.std("mlp", "a", "weight", 0.5) == 0.0
+
+
+def test_nm_method_and_pruning_leave_the_pattern():
+    train_data, test_data = demo.load_data(0, "cpu")
+    torch.manual_seed(0)
+    model = demo.make_model("cnn")
+    nm = demo.nm_backend("auto", "cpu")
+    demo.train(model, demo.METHODS["targeted_nm"], train_data, epochs=1, seed=0, backend=nm)
+    assert not any(hasattr(mod, "targeted_dropout") for mod in model.modules())  # removed after training
+    r = demo.evaluate_pruning(model, test_data, modes=("nm",), nm_backend=nm)
+    assert list(r) == [("nm", 0.5)] and 0.0 <= r[("nm", 0.5)] <= 1.0
 
 
 def test_python_m_td_kernels_demo(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, "-m", "td_kernels", "demo", "--epochs", "1", "--models", "cnn",
-                        "--methods", "none", "--out", str(tmp_path), "--seed", "3"],
+                        "--methods", "none", "--out", str(tmp_path), "--seed", "3", "--seeds", "1"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "cnn, unit pruning" in p.stdout
     assert "step" in p.stderr  # the progress bar goes to stderr
-    assert len(_read_csv(tmp_path / "results.csv")) == 20
+    rows = _read_csv(tmp_path / "results.csv")
+    assert len(rows) == 21 and {r["seed"] for r in rows} == {"3"}
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["demo", "--methods", "none,bogus"], "methods"),
     (["demo", "--models", "resnet"], "models"),
     (["demo", "--epochs", "0"], "epochs"),
+    (["demo", "--seeds", "0"], "seeds"),
     (["demo", "--threads", "0"], "threads"),
     (["demo", "--backend", "fastest"], "backend"),
     (["demo", "--device", "nonsense"], "device"),
@@ -99,3 +138,5 @@ def test_run_demo_bad_arguments():
         demo.run_demo(models=["vgg"], out=None, progress=False)
     with pytest.raises(ValueError, match="epochs"):
         demo.run_demo(epochs=0, out=None, progress=False)
+    with pytest.raises(ValueError, match="seeds"):
+        demo.run_demo(seeds=1.5, out=None, progress=False)

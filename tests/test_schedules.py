@@ -130,12 +130,12 @@ def test_xtreme_schedule_ends_with_exactly_keep_weights_per_unit(keep):
     for _ in range(4):
         s.step()
     for name, layer in [("0", m[0]), ("2", m[2])]:
-        w = layer.parametrizations.weight.original
+        w = layer.weight
         fan_in = w[0].numel()
-        t = layer.parametrizations.weight[0]
+        t = layer.targeted_dropout
         assert t.targ_rate == xtreme_targ_rate(fan_in, keep)
         # drop_rate 1 drops every candidate: exactly `keep` survive in each unit (distinct |w|)
-        nonzero = (layer.weight.reshape(w.shape[0], -1) != 0).sum(dim=1)
+        nonzero = (t(w).reshape(w.shape[0], -1) != 0).sum(dim=1)
         assert (nonzero == keep).all(), name
 
 
@@ -151,3 +151,45 @@ def test_xtreme_bad_arguments():
         XtremeSchedule(_targeted(mode="unit"), 2, 10)
     with pytest.raises(TypeError, match="model"):
         XtremeSchedule([TargetedDropout(0.5, 0.5)], 2, 10)
+
+
+def test_xtreme_reads_the_fan_in_along_the_units():
+    class Transposed(nn.Module):  # weight [in, out]: units along dim 1, fan-in 7
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(7, 5))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    saved = dict(td.nn._LAYERS)
+    try:
+        td.register_layer(Transposed, unit_dim=1, forward=lambda layer, w, x: x @ w)
+        layer = Transposed()
+        apply_targeted_dropout(layer, 0.5, 0.5, exclude=())
+        s = XtremeSchedule(layer, 2, 1, drop_rate=1.0)
+        s.step()
+        assert layer.targeted_dropout.targ_rate == xtreme_targ_rate(7, 2)
+        assert ((layer.targeted_dropout(layer.weight) != 0).sum(dim=0) == 2).all()
+        with pytest.raises(ValueError, match="keep"):
+            XtremeSchedule(layer, 8, 1)
+    finally:
+        td.nn._LAYERS.clear()
+        td.nn._LAYERS.update(saved)
+
+
+def test_ramp_drives_nm_layers_drop_rate_only():
+    m = nn.Sequential(nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 2))
+    apply_targeted_dropout(m, 0.8, mode="nm", exclude=["1", "2"], backend="reference")
+    apply_targeted_dropout(m, 0.6, 0.4, exclude=["0", "2"])
+    s = RampSchedule(m, 4, targ_rate=0.5)
+    assert _rates(m) == [(0.0, None), (0.0, 0.0)]
+    s.step(), s.step()
+    assert _rates(m) == [(0.4, None), (0.3, 0.5 * 0.95)]
+    state = s.state_dict()
+    s.step(), s.step()
+    assert _rates(m) == [(0.8, None), (0.6, 0.5)]
+    s.load_state_dict(state)
+    assert _rates(m) == [(0.4, None), (0.3, 0.5 * 0.95)]
+    x = torch.randn(3, 8)
+    m(x).sum().backward()  # the nm layer runs at its ramped drop_rate

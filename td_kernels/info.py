@@ -1,0 +1,138 @@
+"""``td-kernels info``: the one block a user pastes into a bug report.
+
+Versions (td_kernels, Python, torch, Triton, CUDA), the devices torch sees, every backend with
+whether it serves each device here (and why not, and how to get it), what the native extension
+was built with, and the CPU thread counts."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import torch
+
+__all__ = ["collect", "format_info"]
+
+# environment variables that change what td_kernels or its backends do
+ENV_VARS = ("TRITON_INTERPRET", "TD_KERNELS_BUILD_EXT", "TD_KERNELS_BUILD_CUDA", "CUDA_VISIBLE_DEVICES",
+            "OMP_NUM_THREADS", "CUDA_HOME")
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return "not installed"
+
+
+def _devices() -> list:
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out.append(f"cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def _native_build() -> str:
+    try:
+        from . import _C
+    except Exception as e:  # not built, or built against another torch
+        return f"not loaded ({type(e).__name__}: {e})"
+    info = getattr(_C, "BUILD_INFO", None)
+    if info is not None:
+        return info if isinstance(info, str) else ", ".join(f"{k}={v}" for k, v in dict(info).items())
+    return f"CPU kernels{' + CUDA kernels' if getattr(_C, 'WITH_CUDA', False) else ''} (WITH_CUDA={bool(_C.WITH_CUDA)})"
+
+
+_HOW = {("native", "cuda"): " (a CPU-only build: with a CUDA build of torch and nvcc on PATH or CUDA_HOME, "
+                             "`pip install --no-build-isolation -e .` compiles the CUDA kernels)",
+        ("triton", "cuda"): " (Triton needs a CUDA build of torch and a GPU)"}
+
+
+def _missing_features(b) -> str:
+    """Probe, on a 1 x 4 CPU weight, the launchers a backend may not implement yet."""
+    missing = []
+    w = torch.ones(1, 4)
+    for what, call in (("N:M", lambda: b.nm_dropout(w, 0, 2, 4, 0)), ("bit masks", lambda: b.weight_dropout(
+            w, 0, 1, 0, bits=True)), ("windows", lambda: b.weight_dropout(w, 0, 1, 0, window=(0, 8)))):
+        try:
+            call()
+        except NotImplementedError:
+            missing.append(what)
+        except Exception:
+            pass  # anything else is not this probe's business
+    return f" (not implemented yet: {', '.join(missing)})" if missing else ""
+
+
+def _backends(device_types) -> list:
+    from . import _registry
+
+    rows = []
+    for name in _registry.known_backends():
+        b = _registry._BACKENDS.get(name)
+        if b is None:
+            why = _registry._UNAVAILABLE.get(name, "it did not register")
+            rows.append((name, {d: f"unavailable: {why}" for d in device_types}))
+            continue
+        status = {}
+        for d in device_types:
+            why = b.why_not(d)
+            status[d] = "available" if why is None else f"no: {why}{_HOW.get((name, d), '')}"
+            if why is None and d == "cpu":
+                status[d] += _missing_features(b)
+        rows.append((name, status))
+    return rows
+
+
+def collect() -> dict:
+    """Everything ``td-kernels info`` prints, as a dict."""
+    import td_kernels as td
+    from ._registry import available_backends
+
+    device_types = ["cpu", "cuda"] + (["mps"] if "mps" in _devices() else [])
+    auto = {}
+    for d in device_types:
+        names = available_backends(d)
+        auto[d] = names[0] if names else "none"
+    cuda = torch.version.cuda
+    return {
+        "td_kernels": f"{td.__version__} ({os.path.dirname(td.__file__)})",
+        "python": f"{platform.python_version()} ({sys.executable})",
+        "platform": platform.platform(),
+        "torch": f"{torch.__version__} ({'CUDA ' + cuda if cuda else 'CPU-only build'}"
+                 f"{', HIP ' + torch.version.hip if getattr(torch.version, 'hip', None) else ''})",
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "CUDA available": f"{torch.cuda.is_available()} ({torch.cuda.device_count()} device(s))",
+        "devices": _devices(),
+        "native extension": _native_build(),
+        "backends": _backends(device_types),
+        "backend='auto' picks": auto,
+        "threads": f"torch intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}, "
+                   f"os.cpu_count {os.cpu_count()}",
+        "environment": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+    }
+
+
+def format_info(info: dict | None = None) -> str:
+    info = collect() if info is None else info
+    lines = ["td_kernels info (paste this into a bug report)"]
+    for key, value in info.items():
+        if key == "backends":
+            lines.append("backends:")
+            for name, status in value:
+                lines.append(f"  {name}:")
+                lines.extend(f"    {d}: {s}" for d, s in status.items())
+        elif key == "devices":
+            lines.append(f"devices: {', '.join(value)}")
+        elif isinstance(value, dict):
+            text = ", ".join(f"{k}={v}" for k, v in value.items()) or "(none set)"
+            lines.append(f"{key}: {text}")
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)
