@@ -116,8 +116,8 @@ def _check_common(w, drop_rate, targ_rate, training, backend, mask=None):
     targ_rate = _rate("targ_rate", targ_rate) if targ_rate is not None else None
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if mask is not None and mask not in ops.MASKS:
-        raise ValueError(f"mask must be one of {ops.MASKS}, got {mask!r}")
+    if mask is not None:
+        ops.check_mask(mask)
     if w.device.type == "meta" or _is_dtensor(w):
         check_name(backend)  # a meta tensor runs no kernel; a DTensor's shards are checked on use
     else:

@@ -189,9 +189,12 @@ class TargetedDropout(nn.Module):
     """
 
     def __init__(self, drop_rate: float, targ_rate: Optional[float] = None, mode: str = "weight",
-                 backend: str = "auto", *, n: Optional[int] = None, m: Optional[int] = None, unit_dim: int = 0):
+                 backend: str = "auto", *, n: Optional[int] = None, m: Optional[int] = None, unit_dim: int = 0,
+                 mask: Optional[str] = None):
         super().__init__()
         self.mode = _check_mode(mode)
+        # what the backward reads (weight and N:M targeting): a 1-bit mask or a recompute
+        self.mask = ops.check_mask(api.DEFAULT_MASK if mask is None else mask)
         self.n, self.m = _check_nm_args(mode, n, m)
         # the rates also live in a CPU float64 tensor (a plain attribute, so .to(device) leaves it
         # on the CPU): a compiled model reads them from there and a schedule changing them every
@@ -300,11 +303,12 @@ class TargetedDropout(nn.Module):
     def _target(self, w: Tensor, seed: Tensor, drop_rate, targ_rate) -> Tensor:
         v = w.movedim(self.unit_dim, 0) if self.unit_dim else w
         if self.mode == "weight":
-            out = api.targeted_weight_dropout(v, drop_rate, targ_rate, seed=seed, backend=self.backend)
+            out = api.targeted_weight_dropout(v, drop_rate, targ_rate, seed=seed, backend=self.backend, mask=self.mask)
         elif self.mode == "unit":
             out = api.targeted_unit_dropout(v, drop_rate, targ_rate, seed=seed, backend=self.backend)
         else:
-            out = api.targeted_nm_dropout(v, drop_rate, n=self.n, m=self.m, seed=seed, backend=self.backend)
+            out = api.targeted_nm_dropout(v, drop_rate, n=self.n, m=self.m, seed=seed, backend=self.backend,
+                                          mask=self.mask)
         return out.movedim(0, self.unit_dim) if self.unit_dim else out
 
     def _target_compiled(self, w: Tensor, params: Tensor) -> Tensor:
@@ -312,9 +316,9 @@ class TargetedDropout(nn.Module):
         when the settings were) and the params arithmetic."""
         v = w.movedim(self.unit_dim, 0) if self.unit_dim else w
         if self.mode == "weight":
-            out = ops.weight_dropout(v, params, self.backend, api.DEFAULT_MASK)[0]
+            out = ops.weight_dropout(v, params, self.backend, self.mask)[0]
         elif self.mode == "nm":
-            out = ops.nm_dropout(v, params, self.n, self.m, self.backend, api.DEFAULT_MASK)[0]
+            out = ops.nm_dropout(v, params, self.n, self.m, self.backend, self.mask)[0]
         else:
             out = ops.unit_dropout(v, params, self.backend)[0]
         return out.movedim(0, self.unit_dim) if self.unit_dim else out
@@ -378,6 +382,7 @@ class TargetedDropout(nn.Module):
         rates = f"drop_rate={self.drop_rate}, " + (f"n={self.n}, m={self.m}" if self.mode == "nm"
                                                     else f"targ_rate={self.targ_rate}")
         extra = f", apply_to={self.apply_to!r}" if self.apply_to != "weight" else ""
+        extra += f", mask={self.mask!r}" if self.mode != "unit" else ""
         return f"{rates}, mode={self.mode!r}, backend={self.backend!r}{extra}"
 
 
@@ -539,7 +544,8 @@ def _has_ours(layer: nn.Module) -> bool:
 # ---- applying and removing ---------------------------------------------------------------
 def apply_targeted_dropout(model: nn.Module, drop_rate: float, targ_rate: Optional[float] = None,
                            mode: str = "weight", exclude=LAST_LINEAR, *, n: Optional[int] = None,
-                           m: Optional[int] = None, backend: str = "auto", apply_to: str = "weight") -> list[str]:
+                           m: Optional[int] = None, backend: str = "auto", apply_to: str = "weight",
+                           mask: Optional[str] = None) -> list[str]:
     """Add targeted dropout to every layer of a registered type in ``model`` except ``exclude``
     (see :func:`prunable_layers`); returns the names of the layers it changed.
 
@@ -548,7 +554,8 @@ def apply_targeted_dropout(model: nn.Module, drop_rate: float, targ_rate: Option
     weight is tied to another module's, and for N:M those whose fan-in ``m`` does not divide, are
     skipped with a warning; a model with nothing left to target raises ValueError.
     ``apply_to="output"`` (unit mode only) masks the layer's output channels instead, keeping
-    their bias. Each layer draws its base seed from torch's default generator, in
+    their bias. ``mask`` ("bits" or "recompute"; default ``td.api.DEFAULT_MASK``) picks what the
+    backward of weight and N:M targeting reads (see :func:`td.targeted_weight_dropout`). Each layer draws its base seed from torch's default generator, in
     ``named_modules()`` order (see the module docstring)."""
     _check_model(model)
     _check_mode(mode)
@@ -563,6 +570,8 @@ def apply_targeted_dropout(model: nn.Module, drop_rate: float, targ_rate: Option
             raise TypeError(f"mode={mode!r} needs a targ_rate in [0, 1]")
         _check_rate("targ_rate", targ_rate)
     check_name(backend)
+    if mask is not None:
+        ops.check_mask(mask)
     if apply_to not in ("weight", "output"):
         raise ValueError(f"apply_to must be 'weight' or 'output', got {apply_to!r}")
     if apply_to == "output" and mode != "unit":
@@ -575,7 +584,7 @@ def apply_targeted_dropout(model: nn.Module, drop_rate: float, targ_rate: Option
             raise ValueError(f"layer {name!r} already has targeted dropout; remove_targeted_dropout(model) first")
     for _, layer in layers:
         entry = layer_type(layer)
-        tdm = TargetedDropout(drop_rate, targ_rate, mode, backend, n=n, m=m, unit_dim=entry.unit_dim)
+        tdm = TargetedDropout(drop_rate, targ_rate, mode, backend, n=n, m=m, unit_dim=entry.unit_dim, mask=mask)
         tdm.layer_type, tdm.apply_to = entry, apply_to
         tdm.train(layer.training)
         v = unit_view(layer)

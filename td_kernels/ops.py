@@ -24,7 +24,7 @@ from torch import Tensor
 from ._registry import resolve
 from .reference import Window, bits_words
 
-__all__ = ["weight_dropout", "weight_dropout_backward", "nm_dropout", "nm_dropout_backward",
+__all__ = ["check_mask", "weight_dropout", "weight_dropout_backward", "nm_dropout", "nm_dropout_backward",
            "unit_dropout", "unit_dropout_backward", "MASKS", "WEIGHT_PARAMS", "NM_PARAMS", "UNIT_PARAMS"]
 
 MASKS = ("bits", "recompute")
@@ -41,10 +41,15 @@ def _unpack(params: Tensor, layout: str) -> list[int]:
     return params.tolist()  # a CPU tensor: no device synchronisation
 
 
-def _check_mask(mask: str) -> bool:
+def check_mask(mask) -> str:
+    """``mask`` is one of MASKS (a ValueError naming it otherwise)."""
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-    return mask == "bits"
+    return mask
+
+
+def _wants_bits(mask: str) -> bool:
+    return check_mask(mask) == "bits"
 
 
 def _as_2d(x: Tensor) -> Tensor:
@@ -78,7 +83,7 @@ def weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str,
                    limit: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(out, limit, bits)``; ``limit`` given skips the selection (the sharded path)."""
     seed, k, D, origin, row_stride = _unpack(params, WEIGHT_PARAMS)
-    want_bits = _check_mask(mask)
+    want_bits = _wants_bits(mask)
     U, F = w.shape[0], _fan_in(w)
     if w.numel() == 0:
         lim = limit.clone() if limit is not None else torch.full((U,), -1, dtype=torch.int32, device=w.device)
@@ -101,7 +106,7 @@ def _(w, params, backend, mask, limit=None):
 def weight_dropout_backward(grad: Tensor, w: Optional[Tensor], limit: Tensor, bits: Tensor, params: Tensor,
                             backend: str, mask: str) -> Tensor:
     seed, _k, D, origin, row_stride = _unpack(params, WEIGHT_PARAMS)
-    use_bits = _check_mask(mask)
+    use_bits = _wants_bits(mask)
     if grad.numel() == 0:
         return grad.clone()
     b = resolve(backend, grad.device, grad.dtype)
@@ -138,7 +143,7 @@ weight_dropout.register_autograd(_weight_backward, setup_context=_weight_setup_c
 def nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: str) -> tuple[Tensor, Tensor]:
     """``(out, bits)`` of SPEC section 11."""
     seed, D, origin, row_stride = _unpack(params, NM_PARAMS)
-    want_bits = _check_mask(mask)
+    want_bits = _wants_bits(mask)
     F = _fan_in(w)
     if w.numel() == 0:
         bits = torch.zeros((w.shape[0], bits_words(F)), dtype=torch.int32, device=w.device) if want_bits \
@@ -159,7 +164,7 @@ def _(w, params, n, m, backend, mask):
 def nm_dropout_backward(grad: Tensor, w: Optional[Tensor], bits: Tensor, params: Tensor, n: int, m: int,
                         backend: str, mask: str) -> Tensor:
     seed, D, origin, row_stride = _unpack(params, NM_PARAMS)
-    use_bits = _check_mask(mask)
+    use_bits = _wants_bits(mask)
     if grad.numel() == 0:
         return grad.clone()
     b = resolve(backend, grad.device, grad.dtype)

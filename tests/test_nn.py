@@ -738,3 +738,25 @@ def test_compiled_model_follows_a_schedule_without_recompiling():
             sched.step(), sched_e.step()
             assert torch.equal(compiled(x), eager(x)), (layer.drop_rate, layer.targ_rate)
     assert layer.drop_rate == 0.5 and layer.targ_rate == 0.5
+
+
+@pytest.mark.parametrize("mode", ["weight", "nm"])
+def test_mask_formats_give_the_same_training(mode):
+    """mask="bits" (the default) and mask="recompute" draw the same masks and gradients; only
+    what autograd keeps differs (1 bit per element vs the weight and the limit)."""
+    runs = []
+    for mask in ("bits", "recompute"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        kw = dict(n=2, m=4) if mode == "nm" else dict(targ_rate=0.5)
+        td.apply_targeted_dropout(model, 0.5, mode=mode, mask=mask, **kw)
+        assert f"mask={mask!r}" in repr(model[0])
+        x = torch.randn(8, 16)
+        for _ in range(2):
+            model(x).square().sum().backward()
+        runs.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="mask"):
+        td.apply_targeted_dropout(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), 0.5, 0.5,
+                                  mask="bytes")
