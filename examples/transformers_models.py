@@ -43,8 +43,8 @@ def batch(step: int) -> torch.Tensor:
 def setup(name: str, mode: str, steps: int, seed: int):
     torch.manual_seed(seed)  # the same on every rank under data parallel: the same masks everywhere
     model = build(name)
-    if mode == "nm":  # 2:4 targeted dropout; backend "reference" until the kernels implement N:M
-        names = td.apply_targeted_dropout(model, 0.75, mode="nm", n=2, m=4, backend="reference")
+    if mode == "nm":  # 2:4 targeted dropout
+        names = td.apply_targeted_dropout(model, 0.75, mode="nm", n=2, m=4)
     else:
         names = td.apply_targeted_dropout(model, 0.75, 0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
         td.remove_targeted_dropout(model)
         if args.mode == "nm":
-            td.prune_model(model, mode="nm", n=2, m=4, backend="reference")
+            td.prune_model(model, mode="nm", n=2, m=4)
         else:
             td.prune_model(model, 0.5)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # created after pruning: the zeros stay

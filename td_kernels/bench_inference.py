@@ -179,7 +179,7 @@ def run_gpu(shapes, tokens, reps: int, progress=print) -> list:
     for out_f, in_f in shapes:
         lin = torch.nn.Linear(in_f, out_f, bias=False, device=dev, dtype=torch.float16).eval()
         with torch.no_grad():
-            lin.weight.copy_(td.prune_nm(lin.weight, n=2, m=4, backend="reference"))
+            lin.weight.copy_(td.prune_nm(lin.weight, n=2, m=4))
         sp = copy.deepcopy(lin)
         sp.weight = torch.nn.Parameter(to_sparse_semi_structured(sp.weight.detach()), requires_grad=False)
         for n_tok in tokens:

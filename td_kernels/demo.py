@@ -28,7 +28,7 @@ from .pruning import prune_model
 from .schedules import RampSchedule
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "MODELS", "PRUNE_RATES", "MethodConfig", "DemoResult", "run_demo", "check_args",
-           "make_model", "load_data", "train", "evaluate_pruning", "format_table", "format_nm_table", "nm_backend"]
+           "make_model", "load_data", "train", "evaluate_pruning", "format_table", "format_nm_table"]
 
 PRUNE_RATES = tuple(i / 10 for i in range(10))
 PRUNE_MODES = ("weight", "unit")
@@ -158,7 +158,7 @@ def train(model: nn.Module, method: MethodConfig, train_data, *, epochs: int, ba
 
 
 def evaluate_pruning(model: nn.Module, test_data, *, rates=PRUNE_RATES, modes=PRUNE_MODES + (NM_MODE,),
-                     backend="auto", nm_backend=None) -> dict:
+                     backend="auto") -> dict:
     """{(prune_mode, rate): test accuracy} of ``model`` pruned per unit at each rate, and for
     ``"nm"`` pruned to the 2:4 pattern (key ``("nm", 0.5)``; layers whose fan-in 4 does not
     divide stay dense)."""
@@ -168,7 +168,7 @@ def evaluate_pruning(model: nn.Module, test_data, *, rates=PRUNE_RATES, modes=PR
             pruned = copy.deepcopy(model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                prune_model(pruned, mode="nm", n=NM[0], m=NM[1], backend=nm_backend or backend)
+                prune_model(pruned, mode="nm", n=NM[0], m=NM[1], backend=backend)
             out[(mode, 1 - NM[0] / NM[1])] = _accuracy(pruned, *test_data)
             continue
         for rate in rates:
@@ -176,18 +176,6 @@ def evaluate_pruning(model: nn.Module, test_data, *, rates=PRUNE_RATES, modes=PR
             prune_model(pruned, rate, mode, backend=backend)
             out[(mode, rate)] = _accuracy(pruned, *test_data)
     return out
-
-
-def nm_backend(backend: str, device) -> str:
-    """``backend`` if it runs N:M targeting here, else "reference" (the kernels' N:M launchers
-    are still being written; the reference computes the same bits)."""
-    from .api import targeted_nm_dropout
-
-    try:
-        targeted_nm_dropout(torch.ones(1, NM[1], device=device), 0.5, n=NM[0], m=NM[1], seed=0, backend=backend)
-        return backend
-    except NotImplementedError:
-        return "reference"
 
 
 @dataclass
@@ -347,7 +335,6 @@ def _run(epochs, seed, seeds, out, device, backend, methods, models, progress, l
     start = time.perf_counter()
     train_data, test_data = load_data(seed, device)
     steps = epochs * -(-len(train_data[0]) // 64)
-    nm = nm_backend(backend, device)
     result = DemoResult()
     with tqdm(total=steps * len(models) * len(methods) * seeds, file=sys.stderr, disable=not progress,
               unit="step", dynamic_ncols=True) as bar:
@@ -358,8 +345,8 @@ def _run(epochs, seed, seeds, out, device, backend, methods, models, progress, l
                     torch.manual_seed(s)  # same initial weights for every method
                     model = make_model(model_name).to(device)
                     train(model, METHODS[m], train_data, epochs=epochs, seed=s,
-                          backend=nm if METHODS[m].mode == "nm" else backend, progress=bar)
-                    for (mode, rate), acc in evaluate_pruning(model, test_data, backend=backend, nm_backend=nm).items():
+                          backend=backend, progress=bar)
+                    for (mode, rate), acc in evaluate_pruning(model, test_data, backend=backend).items():
                         result.rows.append({"model": model_name, "method": m, "prune_mode": mode,
                                             "prune_rate": rate, "seed": s, "accuracy": round(acc, 6)})
     result.seconds = time.perf_counter() - start
@@ -374,9 +361,6 @@ def _run(epochs, seed, seeds, out, device, backend, methods, models, progress, l
               f"test accuracy % ({how})", file=log)
         print(format_nm_table(result, model_name, methods), file=log)
     print("\n" + "\n".join(f"{m}: {METHODS[m].label}" for m in methods), file=log)
-    if nm != backend and any(METHODS[m].mode == "nm" for m in methods):
-        print(f"(N:M targeting ran on backend 'reference': backend {backend!r} does not implement it yet here)",
-              file=log)
     if out is not None:
         os.makedirs(out, exist_ok=True)
         result.csv_path = os.path.join(out, "results.csv")

@@ -54,21 +54,6 @@ _HOW = {("native", "cuda"): " (a CPU-only build: with a CUDA build of torch and 
         ("triton", "cuda"): " (Triton needs a CUDA build of torch and a GPU)"}
 
 
-def _missing_features(b) -> str:
-    """Probe, on a 1 x 4 CPU weight, the launchers a backend may not implement yet."""
-    missing = []
-    w = torch.ones(1, 4)
-    for what, call in (("N:M", lambda: b.nm_dropout(w, 0, 2, 4, 0)), ("bit masks", lambda: b.weight_dropout(
-            w, 0, 1, 0, bits=True)), ("windows", lambda: b.weight_dropout(w, 0, 1, 0, window=(0, 8)))):
-        try:
-            call()
-        except NotImplementedError:
-            missing.append(what)
-        except Exception:
-            pass  # anything else is not this probe's business
-    return f" (not implemented yet: {', '.join(missing)})" if missing else ""
-
-
 def _backends(device_types) -> list:
     from . import _registry
 
@@ -83,8 +68,6 @@ def _backends(device_types) -> list:
         for d in device_types:
             why = b.why_not(d)
             status[d] = "available" if why is None else f"no: {why}{_HOW.get((name, d), '')}"
-            if why is None and d == "cpu":
-                status[d] += _missing_features(b)
         rows.append((name, status))
     return rows
 

@@ -82,10 +82,9 @@ def test_nm_method_and_pruning_leave_the_pattern():
     train_data, test_data = demo.load_data(0, "cpu")
     torch.manual_seed(0)
     model = demo.make_model("cnn")
-    nm = demo.nm_backend("auto", "cpu")
-    demo.train(model, demo.METHODS["targeted_nm"], train_data, epochs=1, seed=0, backend=nm)
+    demo.train(model, demo.METHODS["targeted_nm"], train_data, epochs=1, seed=0)
     assert not any(hasattr(mod, "targeted_dropout") for mod in model.modules())  # removed after training
-    r = demo.evaluate_pruning(model, test_data, modes=("nm",), nm_backend=nm)
+    r = demo.evaluate_pruning(model, test_data, modes=("nm",))
     assert list(r) == [("nm", 0.5)] and 0.0 <= r[("nm", 0.5)] <= 1.0
 
 

@@ -268,8 +268,8 @@ def test_a_tensor_seed_is_the_same_seed():
     for s in (0, 5, 2**62 + 7):
         t = torch.tensor(s, dtype=torch.int64)
         assert torch.equal(td.targeted_weight_dropout(w, 0.5, 0.5, seed=t), td.targeted_weight_dropout(w, 0.5, 0.5, seed=s))
-        assert torch.equal(td.targeted_nm_dropout(w, 0.5, seed=t, backend="reference"),
-                           td.targeted_nm_dropout(w, 0.5, seed=s, backend="reference"))
+        assert torch.equal(td.targeted_nm_dropout(w, 0.5, seed=t),
+                           td.targeted_nm_dropout(w, 0.5, seed=s))
     with pytest.raises(TypeError, match="seed"):
         td.targeted_weight_dropout(w, 0.5, 0.5, seed=torch.tensor(3.0))
     with pytest.raises(TypeError, match="seed"):
@@ -425,11 +425,11 @@ def test_register_layer_bad_arguments(registry):
 def test_nm_mode_is_the_functional_op():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
-    assert apply_targeted_dropout(m, 1.0, mode="nm", n=2, m=4, backend="reference") == ["0"]
+    assert apply_targeted_dropout(m, 1.0, mode="nm", n=2, m=4) == ["0"]
     assert "n=2, m=4, mode='nm'" in repr(m)
     x = torch.randn(5, 8)
     s = _seed(m[0])
-    h = nn.functional.linear(x, td.targeted_nm_dropout(m[0].weight, 1.0, n=2, m=4, seed=s, backend="reference"),
+    h = nn.functional.linear(x, td.targeted_nm_dropout(m[0].weight, 1.0, n=2, m=4, seed=s),
                              m[0].bias)
     assert torch.equal(m(x), m[2](h.relu()))
     # drop_rate 1: every forward sees the exact 2:4 pattern; the gradient is masked alike
@@ -442,7 +442,7 @@ def test_nm_mode_is_the_functional_op():
 def test_nm_mode_skips_layers_m_does_not_divide():
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Linear(8, 2))
     with pytest.warns(UserWarning, match="'0'.*m=4 does not divide its fan-in"):
-        assert apply_targeted_dropout(m, 0.5, mode="nm", backend="reference") == ["2"]
+        assert apply_targeted_dropout(m, 0.5, mode="nm") == ["2"]
     with pytest.raises(ValueError, match="no layer"), pytest.warns(UserWarning):
         apply_targeted_dropout(nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 2)), 0.5, mode="nm")
 
@@ -653,7 +653,7 @@ def test_unit_keep_is_the_specs_keep(drop, targ):
 def test_meta_model_accepts_targeted_dropout_and_runs_on_meta(mode):
     with torch.device("meta"):
         m = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
-    args = dict(targ_rate=None, mode="nm", backend="reference") if mode == "nm" else dict(targ_rate=0.5, mode=mode)
+    args = dict(targ_rate=None, mode="nm") if mode == "nm" else dict(targ_rate=0.5, mode=mode)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the conv's fan-in 6 is no multiple of 4
         apply_targeted_dropout(m, 0.5, **args)

@@ -126,7 +126,7 @@ def test_pruning_twice_composes(permanent):
 @pytest.mark.parametrize("mode", ["weight", "unit", "nm"])
 def test_fine_tuning_keeps_the_zeros(make_opt, mode):
     m = _model()
-    kw = dict(backend="reference") if mode == "nm" else dict(rate=0.6)
+    kw = dict() if mode == "nm" else dict(rate=0.6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nm: the conv's fan-in 18 is no multiple of 4
         names = prune_model(m, mode=mode, **kw)
@@ -191,16 +191,16 @@ def test_prune_model_nm_leaves_the_exact_pattern():
     m = nn.Sequential(nn.Conv2d(2, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 4))
     w0, w2 = m[0].weight.detach().clone(), m[2].weight.detach().clone()
     with pytest.warns(UserWarning, match="'0'.*does not divide"):  # conv fan-in 18
-        assert prune_model(m, mode="nm", n=2, m=4, backend="reference") == ["2"]
-    assert torch.equal(m[2].weight, td.prune_nm(w2, n=2, m=4, backend="reference"))
+        assert prune_model(m, mode="nm", n=2, m=4) == ["2"]
+    assert torch.equal(m[2].weight, td.prune_nm(w2, n=2, m=4))
     assert torch.equal(m[0].weight, w0)
     r = sparsity_report(m)
     assert [s.nm_ok for s in r.layers] == [None, True, False]
     assert "2:4" in str(r) and "n/a" in str(r)
     # 1:8 on the same layer, through torch.nn.utils.prune, and the report's own pattern
     m2 = nn.Linear(16, 5)
-    TargetedPruning.apply(m2, "weight", mode="nm", n=1, m=8, backend="reference")
-    assert torch.equal(m2.weight, td.prune_nm(m2.weight_orig, n=1, m=8, backend="reference"))
+    TargetedPruning.apply(m2, "weight", mode="nm", n=1, m=8)
+    assert torch.equal(m2.weight, td.prune_nm(m2.weight_orig, n=1, m=8))
     assert sparsity_report(m2, nm=(1, 8)).layers[0].nm_ok and not sparsity_report(m2, nm=(1, 16)).layers[0].nm_ok
 
 

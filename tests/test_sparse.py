@@ -23,7 +23,7 @@ def test_nm_pattern_check(shape, n, m):
     w.view(-1)[::7] = 0
     assert td.nm_violations(w, n, m) == nm_violations_loop(w, n, m) > 0
     assert not td.is_nm_sparse(w, n, m)
-    pruned = td.prune_nm(w, n=n, m=m, backend="reference")
+    pruned = td.prune_nm(w, n=n, m=m)
     assert td.is_nm_sparse(pruned, n, m) and td.nm_violations(pruned, n, m) == 0
     assert nm_violations_loop(pruned, n, m) == 0
 
@@ -45,7 +45,7 @@ def test_nm_pattern_bad_input():
 def _model(dtype=torch.float32):
     m = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     with torch.no_grad():
-        m[2].weight.copy_(td.prune_nm(m[2].weight, n=2, m=4, backend="reference"))
+        m[2].weight.copy_(td.prune_nm(m[2].weight, n=2, m=4))
     return m.to(dtype)
 
 

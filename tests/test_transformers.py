@@ -115,7 +115,7 @@ def test_train_prune_report_and_plain_checkpoints(name, tmp_path):
 def test_nm_training_and_pruning(name):
     torch.manual_seed(0)
     model = MODELS[name]()
-    names = td.apply_targeted_dropout(model, 0.5, mode="nm", n=2, m=4, backend="reference")
+    names = td.apply_targeted_dropout(model, 0.5, mode="nm", n=2, m=4)
     sched = td.RampSchedule(model, total_steps=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(3):
@@ -127,7 +127,7 @@ def test_nm_training_and_pruning(name):
     td.remove_targeted_dropout(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every fan-in here is a multiple of 4: nothing skipped
-        assert td.prune_model(model, mode="nm", backend="reference") == names
+        assert td.prune_model(model, mode="nm") == names
     report = td.sparsity_report(model)
     assert all(s.nm_ok for s in report.layers if s.name in names)
     assert not any(s.nm_ok for s in report.layers if s.name == "lm_head")
