@@ -150,3 +150,36 @@ def test_cuda_backends_keep_at_most_a_bit_and_peak_is_measured():
             peak = tb.peak_bytes(tb.make_bench_fn(backend, op, "fwd+bwd", w, g, 0.5, 0.5), w.device)
             assert peak >= 2 * N * 4  # out and grad_w exist at once
     assert tb.saved_bytes(tb.make_fn("dropout", "weight", 0.5, 0.5), w) >= N  # a per-element mask
+
+
+# ---- the training-step benchmark (td_kernels/bench_step.py) -------------------------------
+def test_step_variants_regularise_what_they_say():
+    from td_kernels import bench_step as bs
+    x_out = {}
+    for variant in bs.VARIANTS:
+        case = bs.build("cnn", variant, "cpu")
+        targeted = [n for n, m in case.model.named_modules() if hasattr(m, "targeted_dropout")]
+        if variant.startswith("td-"):
+            assert targeted, variant
+            if variant == "td-weight-recompute":
+                assert all(case.model.get_submodule(n).targeted_dropout.mask == "recompute" for n in targeted)
+        else:
+            assert not targeted, variant
+        torch.manual_seed(1)
+        bs.step_fn(case)()  # one training step runs
+        torch.manual_seed(1)
+        x_out[variant] = case.model(case.inputs).detach()
+    for variant, out in x_out.items():  # every regulariser changes the training forward; none does not
+        assert torch.equal(out, x_out["none"]) == (variant == "none"), variant
+
+
+def test_step_cli_writes_table_csv_and_plot(tmp_path, capsys):
+    assert tb.main(["--step", "--models", "cnn", "--variants", "td-weight,kthvalue", "--min-time", "0.01",
+                    "--slow-runs", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "x none" in out and "td-weight" in out and "kthvalue" in out
+    with open(tmp_path / "step.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["none", "td-weight", "kthvalue"]
+    assert float(rows[0]["overhead"]) == 1.0 and all(float(r["ms"]) > 0 for r in rows)
+    assert (tmp_path / "step.png").stat().st_size > 0
