@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One-shot GPU check: build the extension with CUDA, run the test suite on the GPU, benchmark,
-# and leave CSV, PNGs and a log in a results dir named after the card:
-#   $OUT if set, else bench/results/<card>/.
-# Needs: a CUDA GPU, torch (CUDA build), triton, pytest, hypothesis, matplotlib, pytest-benchmark,
-# setuptools, ninja. Nothing of ours needs to be built first. Budget: well under 10 minutes
-# (every step has a timeout; a failed step is logged and the next one still runs).
+# One-shot GPU check: build the extension with CUDA, run the test suite on the GPU, benchmark ops
+# and training steps, and leave at most 8 files (no subfolder) in a results dir named after the card:
+#   $OUT if set, else bench/results/<card>/:
+#   gpu.log  tests.xml  bench.csv  bench_weight.png  bench_unit.png  bench_nm.png  step.csv  step.png
+# Needs: a CUDA GPU, torch (CUDA build, >= 2.11), triton (>= 3.6), pytest, hypothesis, matplotlib,
+# pytest-benchmark, setuptools, ninja; no network. Nothing of ours needs to be built first.
+# Budget: the step limits add up to 8 min 10 s; a failed step is logged and the next one still runs.
 #
 #   bash bench/gpu.sh                         # the whole thing on the GPU
 #   bash bench/gpu.sh --device cpu --no-build --quick   # dry run of the Python parts on CPU
@@ -62,23 +63,32 @@ git log -1 --format='commit %h %s' 2>/dev/null || true
 unset TRITON_INTERPRET  # the Triton kernels must run compiled on the GPU, not interpreted
 if [[ $build == 1 ]]; then
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  step build 180 "$PY" -m pip install --no-build-isolation --no-deps -e .
+  step build 110 "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
 "$PY" -c "import td_kernels as td; print('backends on $device:', td.available_backends('$device'))"
 
 if [[ $tests == 1 ]]; then
-  step tests 150 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --junitxml="$results/tests.xml" tests
+  # CPU-only checks that CI already runs are left out: the sm_80/sm_90 compiles without a GPU
+  # (test_triton_aot, the nvcc spill checks) and the 2-process gloo tests
+  step tests 150 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --junitxml="$results/tests.xml" tests \
+    --ignore=tests/test_triton_aot.py --ignore=tests/test_distributed.py --ignore=tests/test_data_parallel.py \
+    --deselect=tests/test_native_core.py::test_cuda_kernels_compile_without_spills
 fi
 
-bench_args=(--device "$device" --out "$results" --rep-ms 60 --warmup-ms 15)
-[[ $quick == 1 ]] && bench_args+=(--quick)
+# the shapes: two Linear layers of a 7B model each way round, and few long rows; the
+# reference is a correctness yardstick, not timed here
+bench_args=(--device "$device" --out "$results" --rep-ms 40 --warmup-ms 10 --skip-reference)
+[[ $quick == 1 ]] && bench_args+=(--quick) || bench_args+=(--shapes 4096x4096,11008x4096,4096x11008,256x1000000)
 if [[ -f "$results/bench.csv" ]]; then  # an earlier run on this card: flag regressions
-  cp "$results/bench.csv" "$results/bench.previous.csv"
-  bench_args+=(--compare "$results/bench.previous.csv")
+  previous=$(mktemp)
+  cp "$results/bench.csv" "$previous"
+  bench_args+=(--compare "$previous")
 fi
-step benchmark 180 "$PY" -m td_kernels.benchmark "${bench_args[@]}" "${extra[@]}"
-step pytest-benchmark 45 "$PY" -m pytest -q -p no:cacheprovider bench/ --benchmark-only \
-  --benchmark-max-time=0.2 --benchmark-json="$results/pytest-benchmark.json"
+step benchmark 140 "$PY" -m td_kernels.benchmark "${bench_args[@]}" "${extra[@]}"
+step_args=(--step --device "$device" --out "$results" --rep-ms 100)
+[[ $quick == 1 ]] && step_args+=(--models cnn --min-time 0.05)
+step training-steps 60 "$PY" -m td_kernels.benchmark "${step_args[@]}"
+step pytest-benchmark 30 "$PY" -m pytest -q -p no:cacheprovider bench/ --benchmark-only --benchmark-max-time=0.2
 
 echo; echo "# finished $(date -u +%FT%TZ) after ${SECONDS}s; results in $results:"; ls -l "$results"
 if [[ ${#failed[@]} -gt 0 ]]; then echo "# FAILED: ${failed[*]}"; exit 1; fi

@@ -234,20 +234,21 @@ def plot(rows, path: Path) -> Path:
     models = list(dict.fromkeys(r["model"] for r in rows))
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     cell = {(r["model"], r["variant"]): r for r in rows}
-    fig, ax = plt.subplots(figsize=(1.9 * len(models) + 3, 4))
+    fig, ax = plt.subplots(figsize=(1.9 * len(models) + 4.5, 4))
     width = 0.8 / max(1, len(variants))
     for n, v in enumerate(variants):
         xs = [i + n * width - 0.4 + width / 2 for i, m in enumerate(models) if (m, v) in cell]
         ys = [cell[(m, v)]["overhead"] for m in models if (m, v) in cell]
-        ax.bar(xs, ys, width, label=v, color=f"C{n}")
+        bars = ax.bar(xs, ys, width, label=v, color=f"C{n}")
+        ax.bar_label(bars, [f"{y:.2f}" for y in ys], fontsize=6, rotation=90, padding=2)
     ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-    ax.set_yscale("log")
+    ax.set_ylim(0, 1.2 * max(r["overhead"] for r in rows if r["overhead"] is not None))
     ax.set_xticks(range(len(models)), models)
-    ax.set_ylabel("step time / unregularised step (log)")
+    ax.set_ylabel("step time / unregularised step")
     r0 = rows[0]
-    ax.set_title(f"training step cost, {r0['device_name']} ({r0['threads']} threads), torch {r0['torch']}",
-                 fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"training step (forward, backward, SGD) over the unregularised one\n{r0['device_name']} "
+                 f"({r0['device_type']}, {r0['threads']} threads), torch {r0['torch']}", fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
