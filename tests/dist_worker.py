@@ -340,7 +340,7 @@ def _seed_none(ctx):
 # ---- collectives -------------------------------------------------------------------------
 @check("collectives")
 def _collectives(ctx):
-    """What each call exchanges (docs/notes/distributed.md): no gather of W, ever; nothing in
+    """What each call exchanges (docs/distributed.md): no gather of W, ever; nothing in
     the backward; the counts and sizes below."""
     w8 = oracle.make_weight((6, 8), torch.float32, "normal", 0)
 

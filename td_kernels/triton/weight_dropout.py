@@ -58,7 +58,7 @@ MIN_GROUPS = 8
 # rounds are a runtime loop (the shift a register), so the histogram code is emitted once:
 # unrolled rounds made ptxas spill 8192-column register tiles and compiled 2-4x slower.
 # (16-bin rounds were tried: no fewer registers once unrolling was gone, twice the rounds, and
-# no clear gain in PTX instructions per key; see docs/notes/triton.md.)
+# no clear gain in PTX instructions per key; see docs/triton.md.)
 RADIX_BITS = tl.constexpr(8)
 RADIX_BINS = tl.constexpr(256)
 
