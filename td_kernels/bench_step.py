@@ -23,8 +23,6 @@ one run, so the ratios compare like with like.
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -210,19 +208,7 @@ def format_table(rows) -> str:
     head = ("model", "variant", "ms/step", "p20-p80", "x none")
     lines = [(r["model"], r["variant"], f"{r['ms']:.2f}", f"{r['ms_p20']:.2f}-{r['ms_p80']:.2f}",
               "" if r["overhead"] is None else f"{r['overhead']:.2f}x") for r in rows]
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)) for l in lines]
-    return "\n".join(out)
-
-
-def write_csv(rows, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS)
-        wr.writeheader()
-        for r in rows:
-            wr.writerow({c: "" if r.get(c) is None else r.get(c) for c in COLUMNS})
+    return tb.text_table(head, lines, left=2)
 
 
 def plot(rows, path: Path) -> Path:
@@ -280,7 +266,7 @@ def main(argv=None) -> int:
     rows = run(args)
     print(format_table(rows))
     if args.out and rows:
-        write_csv(rows, args.out / "step.csv")
+        tb.write_csv(rows, args.out / "step.csv", COLUMNS)
         print(f"# wrote {args.out / 'step.csv'}, {plot(rows, args.out / 'step.png')}")
     return 0
 

@@ -585,21 +585,25 @@ def format_table(rows) -> str:
                       _fmt(None if r.get("frac_copy") is None else 100 * r["frac_copy"], ".0f"),
                       _fmt(r.get("speedup_vs_reference"), ".1f"), _fmt(r.get("speedup_vs_dropout"), ".2f"),
                       _fmt(r.get("saved_bytes_per_elem"), ".4f"), _fmt(r.get("peak_mb"), ".1f")))
+    return text_table(head, lines, left=6)
+
+
+def text_table(head, lines, left: int) -> str:
+    """Aligned columns: the first ``left`` left-aligned (labels), the rest right-aligned (numbers)."""
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) if i < 6 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
-    out.append("  ".join("-" * w for w in widths))
-    for l in lines:
-        out.append("  ".join(c.ljust(w) if i < 6 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
-    return "\n".join(out)
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines])
 
 
-def write_csv(rows, path: Path) -> None:
+def write_csv(rows, path: Path, columns=COLUMNS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=COLUMNS)
+        wr = csv.DictWriter(f, fieldnames=columns)
         wr.writeheader()
         for r in rows:
-            wr.writerow({c: "" if r.get(c) is None else r.get(c) for c in COLUMNS})
+            wr.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
 
 
 def read_csv(path: Path) -> list:

@@ -9,7 +9,6 @@ interpreter compiles nothing) -- test_new_seed_does_not_recompile runs on CUDA o
 kernel compiles for sm_80/sm_90 without spills is tests/test_triton_aot.py.
 """
 import importlib
-import math
 
 import numpy as np
 
