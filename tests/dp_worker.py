@@ -234,32 +234,42 @@ def first_difference(a, b):
 
 
 # ---- data parallel against the single process -----------------------------------------------
-def _data_parallel(ctx, wrap, **td_kwargs):
-    """``wrap`` (DDP or FSDP2) of the demo's MLP with targeted dropout ``td_kwargs``: masks on
-    both ranks, against the single process (replayed, and on the whole batch); collectives."""
-    plain, plain_comms = mlp(), []  # the same model without targeted dropout: what DDP/FSDP2 exchange anyway
-    train(wrap(plain, ctx), sgd(plain), ctx.rank, comms=plain_comms)
-    model = build(**td_kwargs)
-    wrapped = wrap(model, ctx)
-    opt, masks, comms = sgd(model), Masks(model), []
-    train(wrapped, opt, ctx.rank, comms=comms)
+def trained(ctx, model, wrapped, comms=None):
+    """Train ``wrapped`` (``model`` inside); returns the mask digests, checked equal on every
+    rank, and the whole parameters. All collectives of a check happen here, before it asserts."""
+    masks = Masks(model)
+    train(wrapped, sgd(model), ctx.rank, comms=comms)
     got_masks = same_on_every_rank(masks.digests(), "the masks")
-    got_params = [full(p) for p in model.parameters()]  # collectives (FSDP2) before any assertion
+    got_params = [full(p) for p in model.parameters()]
     same_on_every_rank([digest(p) for p in got_params], "the parameters")
     same_on_every_rank(td.get_rng_state(model).tolist(), "td.get_rng_state")
-    for i, (calls, want) in enumerate(zip(comms, plain_comms)):
-        assert calls == want, f"step {i}: a targeted forward exchanged {calls}, the plain model's {want}"
+    return masks, got_masks, got_params
 
-    ref = build(**td_kwargs)
+
+def expect_replayed(model, got_masks, got_params, ref) -> None:
+    """The masks and parameters of the single process ``ref`` (the same weights and seeds)
+    replaying the data-parallel steps (:func:`train_replay`), bit for bit."""
     ref_masks = Masks(ref)
     train_replay(ref, sgd(ref), ref_masks)
-    assert len(ref_masks.seen) == len(masks.seen) == STEPS * len(td.get_rng_state(ref))
+    assert len(ref_masks.seen) == len(got_masks) == STEPS * len(td.get_rng_state(ref))
     diff = first_difference(got_masks, ref_masks.digests())
     assert diff is None, f"masks differ from the single process's: {diff}"
     for (name, _), p, q in zip(model.named_parameters(), got_params, ref.parameters()):
         assert torch.equal(p, q.detach()), f"{name}: differs from the single process (replayed) by " \
                                            f"{(p - q).abs().max():.3g}"
     assert torch.equal(td.get_rng_state(model), td.get_rng_state(ref))
+
+
+def _data_parallel(ctx, wrap, **td_kwargs):
+    """``wrap`` (DDP or FSDP2) of the demo's MLP with targeted dropout ``td_kwargs``: masks on
+    both ranks, against the single process (replayed, and on the whole batch); collectives."""
+    plain, plain_comms = mlp(), []  # the same model without targeted dropout: what DDP/FSDP2 exchange anyway
+    train(wrap(plain, ctx), sgd(plain), ctx.rank, comms=plain_comms)
+    model, comms = build(**td_kwargs), []
+    masks, got_masks, got_params = trained(ctx, model, wrap(model, ctx), comms)
+    for i, (calls, want) in enumerate(zip(comms, plain_comms)):
+        assert calls == want, f"step {i}: a targeted forward exchanged {calls}, the plain model's {want}"
+    expect_replayed(model, got_masks, got_params, build(**td_kwargs))
 
     whole = build(**td_kwargs)
     whole_masks = Masks(whole)
@@ -305,20 +315,24 @@ def _fsdp_meta(ctx):
     fsdp(model, ctx)
     model.to_empty(device="cpu")
     set_model_state_dict(model, dict(init), options=StateDictOptions(full_state_dict=True))
-    opt, masks = sgd(model), Masks(model)
-    train(model, opt, ctx.rank)
-    got_masks = same_on_every_rank(masks.digests(), "the masks")
-    got_params = [full(p) for p in model.parameters()]
+    _, got_masks, got_params = trained(ctx, model, model)
 
     ref = mlp()
     ref.load_state_dict(init)
     torch.manual_seed(1)
     td.apply_targeted_dropout(ref, **TD)
-    ref_masks = Masks(ref)
-    train_replay(ref, sgd(ref), ref_masks)
-    assert got_masks == ref_masks.digests(), first_difference(got_masks, ref_masks.digests())
-    for p, q in zip(got_params, ref.parameters()):
-        assert torch.equal(p, q.detach())
+    expect_replayed(model, got_masks, got_params, ref)
+
+
+@check("fsdp2/apply-after-shard")
+def _fsdp_apply_after(ctx):
+    """apply_targeted_dropout after fully_shard (the weights are DTensors then; each forward
+    sees FSDP2's unsharded weight): the same masks and parameters as the single process."""
+    torch.manual_seed(0)
+    model = fsdp(mlp(), ctx)
+    td.apply_targeted_dropout(model, **TD)
+    _, got_masks, got_params = trained(ctx, model, model)
+    expect_replayed(model, got_masks, got_params, build())
 
 
 # ---- torch.compile -----------------------------------------------------------------------------
