@@ -296,6 +296,26 @@ def _ddp_nm(ctx):
     _data_parallel(ctx, ddp, drop_rate=0.75, mode="nm", n=2, m=4)
 
 
+@check("ddp/seeds-broadcast")
+def _ddp_seeds_broadcast(ctx):
+    """Ranks that seeded differently before apply_targeted_dropout: DDP broadcasts rank 0's
+    weights, and one broadcast of td.get_rng_state (docs/notes/distributed.md) its seeds."""
+    torch.manual_seed(10 + ctx.rank)
+    model = mlp()
+    td.apply_targeted_dropout(model, **TD)
+    before = [None] * WORLD
+    dist.all_gather_object(before, td.get_rng_state(model).tolist())
+    state = td.get_rng_state(model)
+    dist.broadcast(state, src=0)
+    td.set_rng_state(model, state)
+    _, got_masks, got_params = trained(ctx, model, DDP(model))
+    assert before[0] != before[1], "the ranks drew the same seeds anyway"
+    torch.manual_seed(10)  # rank 0's
+    ref = mlp()
+    td.apply_targeted_dropout(ref, **TD)
+    expect_replayed(model, got_masks, got_params, ref)
+
+
 @check("fsdp2/weight")
 def _fsdp_weight(ctx):
     _data_parallel(ctx, fsdp)
