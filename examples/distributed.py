@@ -170,6 +170,10 @@ def main() -> None:
             pruned = (plain(Xte.cpu()).argmax(1) == yte.cpu()).float().mean().item()
         log(f"test accuracy {100 * acc:.1f}%, with 90% of each unit's weights pruned {100 * pruned:.1f}% "
             f"(parameters' fingerprint {fingerprint})")
+    # every rank's collectives done before the group goes: a gloo group destroyed right after a
+    # collective can deadlock (its worker thread needs the GIL to free the last work's tensors
+    # while the destructor, holding the GIL, joins it; seen once here, pytorch issue #75097)
+    dist.barrier()
     dist.destroy_process_group()
 
 
