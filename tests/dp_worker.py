@@ -45,7 +45,7 @@ CHECKS: dict = {}
 STEPS = 3
 # torch.compile's backend in the compile checks: aot_eager (dynamo, AOTAutograd and
 # functionalization, then the eager kernels: the eager run's bits) keeps CI fast; inductor compiles
-# C++ kernels (the two compile checks: 46 s instead of 3.8 s on this 2-core VM, caches off) and
+# C++ kernels (the two compile checks: 46 s instead of ~4 s on this 2-core VM, caches off) and
 # rounds otherwise than eager (fusions, summation order): then only the seeds are compared
 COMPILE_BACKEND = os.environ.get("TD_DP_COMPILE_BACKEND", "aot_eager")
 # The parameters of the data-parallel run against the single process on the whole batch: both
@@ -95,8 +95,8 @@ def build(make=mlp, seed=0, **td_kwargs) -> nn.Module:
     return model
 
 
-def ddp(model, ctx, **kw):
-    return DDP(model, **kw)
+def ddp(model, ctx):
+    return DDP(model)
 
 
 def fsdp(model, ctx):
