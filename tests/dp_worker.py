@@ -321,6 +321,13 @@ def _fsdp_weight(ctx):
     _data_parallel(ctx, fsdp)
 
 
+@check("fsdp2/recompute")
+def _fsdp_recompute(ctx):
+    """The backward recomputing the mask from the weight it saved, which FSDP2 frees after the
+    forward and gathers again before the layer's backward."""
+    _data_parallel(ctx, fsdp, **TD, mask="recompute")
+
+
 @check("fsdp2/meta-init")
 def _fsdp_meta(ctx):
     """The deferred-initialisation flow: build on meta, apply_targeted_dropout, fully_shard,
