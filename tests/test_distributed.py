@@ -30,13 +30,16 @@ TIMEOUT_S = 300
 
 
 class Run:
-    def __init__(self, tmp: Path):
+    """Runs ``worker`` (a script whose ``__main__`` calls ``dist_worker.main``) on 2 processes in
+    ``tmp`` and collects each rank's results, exit code and output."""
+
+    def __init__(self, tmp: Path, worker: Path = WORKER):
         out = tmp / "result"
         env = dict(os.environ, OMP_NUM_THREADS="1")
         t0, self.started = time.perf_counter(), time.time()
         logs = [open(tmp / f"rank{r}.log", "w+") for r in range(dist_worker.WORLD)]
-        procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(tmp / "store"), str(out)],
-                                  stdout=logs[r], stderr=subprocess.STDOUT, env=env, cwd=WORKER.parent)
+        procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(tmp / "store"), str(out)],
+                                  stdout=logs[r], stderr=subprocess.STDOUT, env=env, cwd=worker.parent)
                  for r in range(dist_worker.WORLD)]
         self.codes = []
         for p in procs:
@@ -66,8 +69,9 @@ def run(tmp_path_factory):
     return Run(tmp_path_factory.mktemp("dist"))
 
 
-@pytest.mark.parametrize("name", list(dist_worker.CHECKS))
-def test_sharded(run, name):
+def expect_passed(run: Run, name: str) -> None:
+    """Fails (with both ranks' tracebacks, or the output of a rank that died) unless check
+    ``name`` passed on every rank; skips if it skipped on every rank."""
     got = [res.get(name) for res in run.results]
     for r, g in enumerate(got):
         if g is None:
@@ -81,12 +85,22 @@ def test_sharded(run, name):
         pytest.skip(got[0]["detail"])
 
 
-def test_group_exits_cleanly(run):
+def expect_clean_exit(run: Run, names) -> None:
+    """Every rank exited 0; prints the group's wall time, start-up and slowest ``names``."""
     assert run.codes == [0] * dist_worker.WORLD, "\n".join(run.why_missing(r) for r in range(dist_worker.WORLD))
-    checks = {n: v for n, v in run.results[0].items() if n in dist_worker.CHECKS}
+    checks = {n: v for n, v in run.results[0].items() if n in names}
     print(f"\n2-process group: {run.seconds:.1f} s wall, of which start-up (interpreter, imports) "
           f"{run.results[0]['__imported__']['s'] - run.started:.1f} s and checks {sum(v['s'] for v in checks.values()):.1f} s;"
           " slowest checks: " + ", ".join(f"{n} {v['s']:.2f}s" for n, v in sorted(checks.items(), key=lambda kv: -kv[1]["s"])[:5]))
+
+
+@pytest.mark.parametrize("name", list(dist_worker.CHECKS))
+def test_sharded(run, name):
+    expect_passed(run, name)
+
+
+def test_group_exits_cleanly(run):
+    expect_clean_exit(run, dist_worker.CHECKS)
 
 
 # ---- the selection without a group: the radix select itself, against the reference ---------
