@@ -17,8 +17,11 @@ variants  ``none``; ``dropout``: F.dropout (p=0.5) on the hidden activations; ``
           hand-written composite (abs, kthvalue per row, torch.rand, masked_fill) on the same
           layers. Every targeted layer is every nn.Linear / nn.Conv2d but the logits layer.
 Timing: CPU ``torch.utils.benchmark.Timer.blocked_autorange`` at the stated thread count; CUDA
-``triton.testing.do_bench`` (L2 flushed). Each model's variants are timed back to back in
-one run, so the ratios compare like with like.
+``triton.testing.do_bench`` (L2 flushed). Each model's variants are timed in one run, in
+``--rounds`` interleaved rounds (3 on a CPU, 1 on CUDA): each ratio is the median over the rounds
+of the variant's time over the unregularised step's in the same round, and ms (p20, p80) the
+median of the rounds' medians (p20s, p80s). On a shared VM whose speed drifts by tens of percent
+over a minute, back-to-back timing alone had put a variant 10% below the unregularised step.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ __all__ = ["MODELS", "VARIANTS", "build", "run", "main"]
 MODELS = ("mlp-b32", "mlp-b256", "cnn", "llama-block")
 VARIANTS = ("none", "dropout", "td-weight", "td-weight-recompute", "td-unit", "td-unit-output", "td-nm", "kthvalue")
 COLUMNS = ("device_name", "device_type", "threads", "torch", "git_commit", "model", "variant", "ms", "ms_p20",
-           "ms_p80", "overhead", "params")
+           "ms_p80", "overhead", "rounds", "params")
 P = 0.5  # drop_rate and targ_rate of every regulariser, and dropout's p
 
 
@@ -184,24 +187,37 @@ def run(args) -> list:
                   torch=torch.__version__, git_commit=tb.git_commit())
     print(f"# training steps on {common['device_name']} ({device}), torch {common['torch']}, "
           f"{common['threads']} threads, commit {common['git_commit']}")
+    rounds = args.rounds or (1 if device.type == "cuda" else 3)
     rows = []
     for name in args.models:
-        base = None
+        times, params = {v: [] for v in args.variants}, {}
+        for r in range(rounds):
+            # Rounds interleave the variants (each round starts one later), so a slow phase of a
+            # shared machine lands on every variant alike and the per-round ratio cancels it.
+            # One model alive at a time, rebuilt per round (the same seeded model each time).
+            order = args.variants[r % len(args.variants):] + args.variants[:r % len(args.variants)]
+            for variant in order:
+                with warnings.catch_warnings():  # N:M skips layers whose fan-in 4 does not divide: expected
+                    warnings.simplefilter("ignore")
+                    case = build(name, variant, device, gpu_sizes=device.type == "cuda")
+                params[variant] = sum(p.numel() for p in case.model.parameters())
+                fn = step_fn(case)
+                fn()  # warm-up: allocations, optimizer state
+                times[variant].append(tb.time_fn(fn, device, args))
+                del case, fn
         for variant in args.variants:
-            with warnings.catch_warnings():  # N:M skips layers whose fan-in 4 does not divide: expected
-                warnings.simplefilter("ignore")
-                case = build(name, variant, device, gpu_sizes=device.type == "cuda")
-            fn = step_fn(case)
-            fn()  # warm-up: allocations, optimizer state
-            t = tb.time_fn(fn, device, args)
-            base = t.ms if variant == "none" else base
-            rows.append(dict(common, model=name, variant=variant, ms=t.ms, ms_p20=t.p20, ms_p80=t.p80,
-                             overhead=t.ms / base if base else None,
-                             params=sum(p.numel() for p in case.model.parameters())))
-            print(f"# {name:12s} {variant:20s} {t.ms:9.2f} ms" + (f"  {t.ms / base:5.2f}x" if base else ""),
-                  file=sys.stderr, flush=True)
-            del case, fn
+            t = times[variant]
+            ratio = _median_of([a.ms / b.ms for a, b in zip(t, times["none"])])
+            ms = _median_of([x.ms for x in t])
+            rows.append(dict(common, model=name, variant=variant, ms=ms, ms_p20=_median_of([x.p20 for x in t]),
+                             ms_p80=_median_of([x.p80 for x in t]), overhead=ratio, rounds=rounds,
+                             params=params[variant]))
+            print(f"# {name:12s} {variant:20s} {ms:9.2f} ms  {ratio:5.2f}x", file=sys.stderr, flush=True)
     return rows
+
+
+def _median_of(xs: list) -> float:
+    return tb._quantile(xs, 0.5)
 
 
 def format_table(rows) -> str:
@@ -249,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=tb._csv_list(MODELS), default=list(MODELS))
     p.add_argument("--variants", type=tb._csv_list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--min-time", type=float, default=1.0, help="CPU: blocked_autorange min_run_time, s")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds per model; ratios are medians of per-round ratios (default 3 on CPU, 1 on CUDA)")
+    p.add_argument("--min-time", type=float, default=0.5, help="CPU: blocked_autorange min_run_time per round, s")
     p.add_argument("--slow-call-s", type=float, default=1.0, help="CPU: steps slower than this get --slow-runs calls")
     p.add_argument("--slow-runs", type=int, default=5)
     p.add_argument("--warmup-ms", type=int, default=25, help="CUDA: do_bench warmup")
@@ -260,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if "none" not in args.variants:
         args.variants = ["none"] + list(args.variants)  # the baseline every ratio needs
     rows = run(args)

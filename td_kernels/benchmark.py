@@ -18,7 +18,10 @@ Our backends run weight and N:M targeting once per mask format (``--masks``, col
 Timing: CUDA uses ``triton.testing.do_bench`` (L2 flushed before every run; median and
 20/80% quantiles); CPU uses ``torch.utils.benchmark.Timer`` (``blocked_autorange``, or single
 calls for ops slower than ``--slow-call-s``) at ``torch.get_num_threads()`` threads, stated in
-every row. Forward timing runs on a leaf that requires grad, as in training.
+every row, in ``--rounds`` interleaved rounds (3 on CPU, 1 on CUDA) whose medians are reported:
+on a shared VM whose speed drifts by 10-30% within a minute, timing one provider after another
+once had put the same kernel at 50 ms in one run and 28 ms in the next. Forward timing runs on
+a leaf that requires grad, as in training.
 
 Bandwidth: ``op_bytes`` is the traffic the op *must* move (see its docstring); GB/s =
 op_bytes / time is the same numerator for every provider of a row group, so it ranks time;
@@ -67,7 +70,7 @@ YARDSTICKS = ("torch-kthvalue", "dropout", "clone")
 COLUMNS = (
     "timestamp", "device_type", "device_name", "threads", "torch", "triton", "git_commit",
     "op", "mode", "shape", "dtype", "provider", "mask", "drop_rate", "targ_rate",
-    "ms", "ms_p20", "ms_p80", "runs", "timer", "bytes", "gbps", "copy_gbps", "frac_copy",
+    "ms", "ms_p20", "ms_p80", "runs", "rounds", "timer", "bytes", "gbps", "copy_gbps", "frac_copy",
     "speedup_vs_reference", "speedup_vs_dropout", "saved_bytes_per_elem", "peak_mb",
 )
 # what identifies "the same measurement" across runs for --compare
@@ -433,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-max-numel", type=float, default=None,
                    help="skip the reference above this many elements (default: 64M on CPU, none on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the saved-bytes and peak-memory measurements")
-    p.add_argument("--min-time", type=float, default=0.5, help="CPU: blocked_autorange min_run_time, s")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds per op, shape and dtype; each row is the median of the rounds "
+                        "(default 3 on CPU, 1 on CUDA; the reference is timed once)")
+    p.add_argument("--min-time", type=float, default=0.3, help="CPU: blocked_autorange min_run_time per round, s")
     p.add_argument("--slow-call-s", type=float, default=0.1, help="CPU: calls slower than this get --slow-runs single calls")
     p.add_argument("--slow-runs", type=int, default=3, help="CPU: single calls timed for a slow op (>= 1)")
     p.add_argument("--warmup-ms", type=int, default=25, help="CUDA: do_bench warmup")
@@ -501,14 +507,14 @@ def run(args, on_progress: Optional[Callable[[list], None]] = None) -> list:
                     print(f"# skip nm at {'x'.join(map(str, shape))}: fan-in {N // U} is not a multiple of {NM[1]}",
                           file=sys.stderr)
                     continue
+                entries = []
                 for p in providers:
                     if p == "reference" and N > ref_max:
                         print(f"# skip reference at {'x'.join(map(str, shape))}: {N} > --reference-max-numel "
                               f"{ref_max:.0f}", file=sys.stderr)
                         continue
-                    for mask in masks_for(p, op, args.masks):
-                        rows.extend(_measure(p, op, mask, shape, dname, w, g, args, common, device))
-                    gc.collect()
+                    entries.extend((p, mask) for mask in masks_for(p, op, args.masks))
+                rows.extend(_measure_group(entries, op, shape, dname, w, g, args, common, device))
             del w, g
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -517,27 +523,44 @@ def run(args, on_progress: Optional[Callable[[list], None]] = None) -> list:
     return _finish(rows, args, shapes, providers)
 
 
-def _measure(p, op, mask, shape, dname, w, g, args, common, device) -> list:
-    """The rows of one provider, op and mask format: every mode, plus the memory columns."""
+def _measure_group(entries, op, shape, dname, w, g, args, common, device) -> list:
+    """The rows of one op, shape and dtype: every (provider, mask format) entry in every mode,
+    plus the memory columns. Entries are timed in ``args.rounds`` interleaved rounds (each round
+    starts one entry later), and each row reports the median over the rounds of the round's
+    median (p20, p80): a slow phase of a shared machine then lands on every provider alike
+    instead of on whichever ran during it. The reference, seconds per call, is timed once."""
     U, N = shape[0], math.prod(shape)
     rates = (args.drop_rate, args.targ_rate)
-    mem, rows = {}, []
-    if not args.no_memory:
-        mem["saved"] = saved_bytes(make_fn(p, op, *rates, mask=mask), w) / N
-        mem["peak"] = peak_bytes(make_bench_fn(p, op, "fwd+bwd", w, g, *rates, mask=mask), device)
-    for mode in args.modes:
-        fn = make_bench_fn(p, op, mode, w, g, *rates, mask=mask)
-        t = time_fn(fn, device, args)
-        del fn
-        nbytes = copy_bytes(mode, N, w.element_size()) if p == "clone" else \
-            op_bytes(op, mode, U, N // U, w.element_size(), mask or "recompute")
-        peak = mem.get("peak") if mode == "fwd+bwd" else None
-        rows.append(dict(common, op=op, mode=mode, shape="x".join(map(str, shape)), dtype=dname, provider=p,
-                         mask=mask, ms=t.ms, ms_p20=t.p20, ms_p80=t.p80, runs=t.runs, timer=t.timer, bytes=nbytes,
-                         gbps=nbytes / t.ms / 1e6, saved_bytes_per_elem=mem.get("saved"),
-                         peak_mb=None if peak is None else peak / 2**20))
-        print(f"# {op:6s} {mode:7s} {rows[-1]['shape']:>12s} {dname:8s} {p:15s} {mask:9s} {t.ms:10.3f} ms",
-              file=sys.stderr, flush=True)
+    rounds = args.rounds or (1 if device.type == "cuda" else 3)
+    times = {e: {} for e in entries}
+    for r in range(rounds):
+        for e in entries[r % len(entries):] + entries[:r % len(entries)]:
+            if r and e[0] == "reference":
+                continue
+            for mode in args.modes:
+                fn = make_bench_fn(e[0], op, mode, w, g, *rates, mask=e[1])
+                times[e].setdefault(mode, []).append(time_fn(fn, device, args))
+                del fn
+            gc.collect()
+    rows = []
+    for p, mask in entries:
+        mem = {}
+        if not args.no_memory:
+            mem["saved"] = saved_bytes(make_fn(p, op, *rates, mask=mask), w) / N
+            mem["peak"] = peak_bytes(make_bench_fn(p, op, "fwd+bwd", w, g, *rates, mask=mask), device)
+        for mode in args.modes:
+            ts = times[(p, mask)][mode]
+            ms = _quantile([t.ms for t in ts], 0.5)
+            nbytes = copy_bytes(mode, N, w.element_size()) if p == "clone" else \
+                op_bytes(op, mode, U, N // U, w.element_size(), mask or "recompute")
+            peak = mem.get("peak") if mode == "fwd+bwd" else None
+            rows.append(dict(common, op=op, mode=mode, shape="x".join(map(str, shape)), dtype=dname, provider=p,
+                             mask=mask, ms=ms, ms_p20=_quantile([t.p20 for t in ts], 0.5),
+                             ms_p80=_quantile([t.p80 for t in ts], 0.5), runs=sum(t.runs for t in ts),
+                             rounds=len(ts), timer=ts[0].timer, bytes=nbytes, gbps=nbytes / ms / 1e6,
+                             saved_bytes_per_elem=mem.get("saved"), peak_mb=None if peak is None else peak / 2**20))
+            print(f"# {op:6s} {mode:7s} {rows[-1]['shape']:>12s} {dname:8s} {p:15s} {mask:9s} {ms:10.3f} ms",
+                  file=sys.stderr, flush=True)
     return rows
 
 
@@ -684,7 +707,7 @@ def main(argv=None) -> int:
         return bench_step.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("slow_runs", "threads", "rep_ms", "cuda_runs"):
+    for flag in ("slow_runs", "threads", "rep_ms", "cuda_runs", "rounds"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     unknown = [x for x in args.providers or () if x not in td._registry.known_backends() + YARDSTICKS]

@@ -299,7 +299,7 @@ def _ddp_nm(ctx):
 @check("ddp/seeds-broadcast")
 def _ddp_seeds_broadcast(ctx):
     """Ranks that seeded differently before apply_targeted_dropout: DDP broadcasts rank 0's
-    weights, and one broadcast of td.get_rng_state (docs/notes/distributed.md) its seeds."""
+    weights, and one broadcast of td.get_rng_state (docs/distributed.md) its seeds."""
     torch.manual_seed(10 + ctx.rank)
     model = mlp()
     td.apply_targeted_dropout(model, **TD)
@@ -457,7 +457,7 @@ def _resume(ctx, wrap, save, load, steps=6, k=3):
 
 
 def ddp_save(path, model, wrapped, opt, sched):
-    """Rank 0 writes what every rank holds alike (docs/notes/distributed.md)."""
+    """Rank 0 writes what every rank holds alike (docs/distributed.md)."""
     if dist.get_rank() == 0:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
                     "td_rng": td.get_rng_state(model)}, path)

@@ -175,11 +175,52 @@ def test_step_variants_regularise_what_they_say():
 
 def test_step_cli_writes_table_csv_and_plot(tmp_path, capsys):
     assert tb.main(["--step", "--models", "cnn", "--variants", "td-weight,kthvalue", "--min-time", "0.01",
-                    "--slow-runs", "1", "--out", str(tmp_path)]) == 0
+                    "--rounds", "2", "--slow-runs", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "x none" in out and "td-weight" in out and "kthvalue" in out
     with open(tmp_path / "step.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == ["none", "td-weight", "kthvalue"]
     assert float(rows[0]["overhead"]) == 1.0 and all(float(r["ms"]) > 0 for r in rows)
+    assert all(r["rounds"] == "2" for r in rows)
     assert (tmp_path / "step.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        tb.main(["--step", "--rounds", "0"])
+
+
+def test_step_ratios_are_per_round_medians(monkeypatch):
+    """A machine that slows down mid-run: per-round ratios cancel what back-to-back timing cannot."""
+    from td_kernels import bench_step as bs
+    slow = {"n": 0}
+
+    def fake_time(fn, device, args):  # every call 1 ms, times 1 + the number of calls so far
+        slow["n"] += 1
+        ms = float(slow["n"])
+        return tb.Timing(ms, ms, ms, 1, "fake")
+    monkeypatch.setattr(tb, "time_fn", fake_time)
+    args = bs.build_parser().parse_args(["--models", "cnn", "--variants", "none,td-weight", "--rounds", "3"])
+    rows = bs.run(args)
+    # rounds time (none, td) = (1, 2), then (td, none) = (3, 4), then (none, td) = (5, 6):
+    # ratios 2, 0.75, 1.2 -> median 1.2; back-to-back (none then td) would say 2
+    assert [r["variant"] for r in rows] == ["none", "td-weight"]
+    assert rows[1]["overhead"] == pytest.approx(1.2) and rows[0]["overhead"] == 1.0
+    assert rows[1]["ms"] == 3.0 and rows[0]["ms"] == 4.0
+
+
+def test_op_rounds_interleave_and_report_medians(monkeypatch):
+    """Each provider's row is the median over interleaved rounds, not its first timing."""
+    calls = {"n": 0}
+
+    def fake_time(fn, device, args):  # the n-th timing takes n ms: a machine slowing down
+        calls["n"] += 1
+        return tb.Timing(float(calls["n"]), 0.0, 0.0, 1, "fake")
+    monkeypatch.setattr(tb, "time_fn", fake_time)
+    args = tb.build_parser().parse_args(["--device", "cpu", "--shapes", "4x8", "--dtypes", "float32", "--ops",
+                                         "weight", "--modes", "fwd", "--providers", "dropout,clone",
+                                         "--rounds", "3", "--no-memory"])
+    rows = tb.run(args)
+    # rounds time (first, second) = (1, 2), (second, first) = (3, 4), (first, second) = (5, 6)
+    assert sorted(r["ms"] for r in rows) == [3.0, 4.0] and all(r["rounds"] == 3 for r in rows)
+    assert calls["n"] == 6
+    with pytest.raises(SystemExit):
+        tb.main(["--rounds", "0"])
