@@ -89,7 +89,9 @@ def _seed_tensor(seed) -> Tensor:
 
 
 def _int64_cpu(parts) -> Tensor:
-    return torch.stack([torch.as_tensor(p, dtype=torch.int64, device="cpu") for p in parts])
+    if torch.compiler.is_compiling():  # the parts may be graph values (tensor rates, seeds)
+        return torch.stack([torch.as_tensor(p, dtype=torch.int64, device="cpu") for p in parts])
+    return torch.tensor([int(p) for p in parts], dtype=torch.int64, device="cpu")  # CPU values: no sync
 
 
 def weight_params(seed, drop_rate, targ_rate, F: int, window=None) -> Tensor:

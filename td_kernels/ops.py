@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._registry import resolve
 from .reference import Window, bits_words
@@ -78,8 +79,7 @@ def _fake_out(w: Tensor) -> Tensor:
 
 
 # ---- weight targeting --------------------------------------------------------------------
-@torch.library.custom_op("td_kernels::weight_dropout", mutates_args=())
-def weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str,
+def _weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str,
                    limit: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(out, limit, bits)``; ``limit`` given skips the selection (the sharded path)."""
     seed, k, D, origin, row_stride = _unpack(params, WEIGHT_PARAMS)
@@ -97,13 +97,15 @@ def weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str,
     return out.view(w.shape), lim, bits if want_bits else _empty_bits(w)
 
 
-@weight_dropout.register_fake
+_weight_dropout_op = torch.library.custom_op("td_kernels::weight_dropout", _weight_dropout, mutates_args=())
+
+
+@_weight_dropout_op.register_fake
 def _(w, params, backend, mask, limit=None):
     return _fake_out(w), w.new_empty((w.shape[0],), dtype=torch.int32), _fake_bits(w, mask)
 
 
-@torch.library.custom_op("td_kernels::weight_dropout_backward", mutates_args=())
-def weight_dropout_backward(grad: Tensor, w: Optional[Tensor], limit: Tensor, bits: Tensor, params: Tensor,
+def _weight_dropout_backward(grad: Tensor, w: Optional[Tensor], limit: Tensor, bits: Tensor, params: Tensor,
                             backend: str, mask: str) -> Tensor:
     seed, _k, D, origin, row_stride = _unpack(params, WEIGHT_PARAMS)
     use_bits = _wants_bits(mask)
@@ -117,7 +119,10 @@ def weight_dropout_backward(grad: Tensor, w: Optional[Tensor], limit: Tensor, bi
     return out.view(grad.shape)
 
 
-@weight_dropout_backward.register_fake
+_weight_dropout_backward_op = torch.library.custom_op("td_kernels::weight_dropout_backward", _weight_dropout_backward, mutates_args=())
+
+
+@_weight_dropout_backward_op.register_fake
 def _(grad, w, limit, bits, params, backend, mask):
     return _fake_out(grad)
 
@@ -135,12 +140,11 @@ def _weight_backward(ctx, grad_out, _grad_limit, _grad_bits):
     return weight_dropout_backward(grad_out, w, limit, bits, params, ctx.backend, ctx.mask), None, None, None, None
 
 
-weight_dropout.register_autograd(_weight_backward, setup_context=_weight_setup_context)
+_weight_dropout_op.register_autograd(_weight_backward, setup_context=_weight_setup_context)
 
 
 # ---- N:M targeting -----------------------------------------------------------------------
-@torch.library.custom_op("td_kernels::nm_dropout", mutates_args=())
-def nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: str) -> tuple[Tensor, Tensor]:
+def _nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: str) -> tuple[Tensor, Tensor]:
     """``(out, bits)`` of SPEC section 11."""
     seed, D, origin, row_stride = _unpack(params, NM_PARAMS)
     want_bits = _wants_bits(mask)
@@ -155,13 +159,15 @@ def nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: st
     return out.view(w.shape), bits if want_bits else _empty_bits(w)
 
 
-@nm_dropout.register_fake
+_nm_dropout_op = torch.library.custom_op("td_kernels::nm_dropout", _nm_dropout, mutates_args=())
+
+
+@_nm_dropout_op.register_fake
 def _(w, params, n, m, backend, mask):
     return _fake_out(w), _fake_bits(w, mask)
 
 
-@torch.library.custom_op("td_kernels::nm_dropout_backward", mutates_args=())
-def nm_dropout_backward(grad: Tensor, w: Optional[Tensor], bits: Tensor, params: Tensor, n: int, m: int,
+def _nm_dropout_backward(grad: Tensor, w: Optional[Tensor], bits: Tensor, params: Tensor, n: int, m: int,
                         backend: str, mask: str) -> Tensor:
     seed, D, origin, row_stride = _unpack(params, NM_PARAMS)
     use_bits = _wants_bits(mask)
@@ -174,7 +180,10 @@ def nm_dropout_backward(grad: Tensor, w: Optional[Tensor], bits: Tensor, params:
     return out.view(grad.shape)
 
 
-@nm_dropout_backward.register_fake
+_nm_dropout_backward_op = torch.library.custom_op("td_kernels::nm_dropout_backward", _nm_dropout_backward, mutates_args=())
+
+
+@_nm_dropout_backward_op.register_fake
 def _(grad, w, bits, params, n, m, backend, mask):
     return _fake_out(grad)
 
@@ -191,12 +200,11 @@ def _nm_backward(ctx, grad_out, _grad_bits):
     return grad, None, None, None, None, None
 
 
-nm_dropout.register_autograd(_nm_backward, setup_context=_nm_setup_context)
+_nm_dropout_op.register_autograd(_nm_backward, setup_context=_nm_setup_context)
 
 
 # ---- unit targeting ----------------------------------------------------------------------
-@torch.library.custom_op("td_kernels::unit_dropout", mutates_args=())
-def unit_dropout(w: Tensor, params: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _unit_dropout(w: Tensor, params: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     seed, k, D = _unpack(params, UNIT_PARAMS)
     if w.numel() == 0:
         return w.clone(), torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
@@ -205,20 +213,25 @@ def unit_dropout(w: Tensor, params: Tensor, backend: str) -> tuple[Tensor, Tenso
     return out.view(w.shape), keep
 
 
-@unit_dropout.register_fake
+_unit_dropout_op = torch.library.custom_op("td_kernels::unit_dropout", _unit_dropout, mutates_args=())
+
+
+@_unit_dropout_op.register_fake
 def _(w, params, backend):
     return _fake_out(w), w.new_empty((w.shape[0],), dtype=torch.bool)
 
 
-@torch.library.custom_op("td_kernels::unit_dropout_backward", mutates_args=())
-def unit_dropout_backward(grad: Tensor, keep: Tensor, backend: str) -> Tensor:
+def _unit_dropout_backward(grad: Tensor, keep: Tensor, backend: str) -> Tensor:
     if grad.numel() == 0:
         return grad.clone()
     b = resolve(backend, grad.device, grad.dtype)
     return b.unit_dropout_backward(_as_2d(grad.contiguous()), keep).view(grad.shape)
 
 
-@unit_dropout_backward.register_fake
+_unit_dropout_backward_op = torch.library.custom_op("td_kernels::unit_dropout_backward", _unit_dropout_backward, mutates_args=())
+
+
+@_unit_dropout_backward_op.register_fake
 def _(grad, keep, backend):
     return _fake_out(grad)
 
@@ -233,4 +246,79 @@ def _unit_backward(ctx, grad_out, _grad_keep):
     return unit_dropout_backward(grad_out, keep, ctx.backend), None, None
 
 
-unit_dropout.register_autograd(_unit_backward, setup_context=_unit_setup_context)
+_unit_dropout_op.register_autograd(_unit_backward, setup_context=_unit_setup_context)
+
+
+# ---- the public entry points: an eager fast path, else the custom op ---------------------
+# torch.library's Python dispatch of a custom op (schema defaults, autograd wrapper, redispatch)
+# costs ~0.2 ms per forward and as much per backward on a CPU: on a small weight, several times
+# the kernel. Eager calls on plain tensors therefore run the same impls through one
+# autograd.Function, with the same setup_context and backward (so the same bits and the same
+# saved state); everything that needs the op itself takes it: torch.compile, fake and meta
+# tensors, tensor subclasses (DTensor), functorch transforms, dispatch and function modes.
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _eager(args) -> bool:
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(a) in _PLAIN and a.device.type != "meta" for a in args if isinstance(a, Tensor))
+
+
+class _Eager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kind, *inputs):
+        impl, setup, _backward = _KINDS[kind]
+        outputs = impl(*inputs)
+        setup(ctx, inputs, outputs)
+        ctx.kind = kind
+        ctx.mark_non_differentiable(*outputs[1:])  # the limit / keep / bits side outputs
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *_KINDS[ctx.kind][2](ctx, *grads))
+
+
+_KINDS = {"weight": (_weight_dropout, _weight_setup_context, _weight_backward),
+          "nm": (_nm_dropout, _nm_setup_context, _nm_backward),
+          "unit": (_unit_dropout, _unit_setup_context, _unit_backward)}
+
+
+def weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str,
+                   limit: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, limit, bits)`` of weight targeting (op ``td_kernels::weight_dropout``); ``limit``
+    given skips the selection (the sharded path)."""
+    args = (w, params, backend, mask, limit)
+    return _Eager.apply("weight", *args) if _eager(args) else _weight_dropout_op(*args)
+
+
+def nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: str) -> tuple[Tensor, Tensor]:
+    """``(out, bits)`` of N:M targeting (op ``td_kernels::nm_dropout``)."""
+    args = (w, params, n, m, backend, mask)
+    return _Eager.apply("nm", *args) if _eager(args) else _nm_dropout_op(*args)
+
+
+def unit_dropout(w: Tensor, params: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """``(out, keep)`` of unit targeting (op ``td_kernels::unit_dropout``)."""
+    args = (w, params, backend)
+    return _Eager.apply("unit", *args) if _eager(args) else _unit_dropout_op(*args)
+
+
+def weight_dropout_backward(grad: Tensor, w: Optional[Tensor], limit: Tensor, bits: Tensor, params: Tensor,
+                            backend: str, mask: str) -> Tensor:
+    args = (grad, w, limit, bits, params, backend, mask)
+    return _weight_dropout_backward(*args) if _eager(args) else _weight_dropout_backward_op(*args)
+
+
+def nm_dropout_backward(grad: Tensor, w: Optional[Tensor], bits: Tensor, params: Tensor, n: int, m: int,
+                        backend: str, mask: str) -> Tensor:
+    args = (grad, w, bits, params, n, m, backend, mask)
+    return _nm_dropout_backward(*args) if _eager(args) else _nm_dropout_backward_op(*args)
+
+
+def unit_dropout_backward(grad: Tensor, keep: Tensor, backend: str) -> Tensor:
+    args = (grad, keep, backend)
+    return _unit_dropout_backward(*args) if _eager(args) else _unit_dropout_backward_op(*args)

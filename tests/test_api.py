@@ -353,3 +353,41 @@ def test_ops_refuse_bad_params():
         torch.ops.td_kernels.weight_dropout(w, torch.tensor([1, 2, 3, 0, 4]), "reference", "bytes")
     with pytest.raises(ValueError, match="window"):  # a row of 4 does not fit a global row of 3
         torch.ops.td_kernels.weight_dropout(w, torch.tensor([1, 2, 3, 0, 3]), "reference", "bits")
+
+
+class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that changes nothing, but sends td_kernels down the custom-op path."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", td.available_backends("cpu"))
+@pytest.mark.parametrize("kind", ["weight-bits", "weight-recompute", "nm-bits", "nm-recompute", "unit"])
+def test_eager_path_matches_the_custom_op(backend, kind, monkeypatch):
+    """Plain eager calls skip torch.library's dispatch (an autograd.Function over the same
+    impls); anything else takes the op. Both give the same outputs and gradients, bit for bit."""
+    from td_kernels import ops
+    name, _, mask = kind.partition("-")
+    fn = {"weight": lambda w: td.targeted_weight_dropout(w, 0.5, 0.6, seed=7, backend=backend, mask=mask),
+          "nm": lambda w: td.targeted_nm_dropout(w, 0.5, n=2, m=4, seed=7, backend=backend, mask=mask),
+          "unit": lambda w: td.targeted_unit_dropout(w, 0.5, 0.6, seed=7, backend=backend)}[name]
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(6, 16, generator=gen).round(decimals=1)  # ties
+    g = torch.randn(6, 16, generator=gen)
+    calls = []
+    for op in [f"_{name}_dropout_op", f"_{name}_dropout_backward_op"]:
+        real = getattr(ops, op)
+        monkeypatch.setattr(ops, op, lambda *a, real=real, op=op: calls.append(op) or real(*a))
+    w = w0.clone().requires_grad_()
+    out = fn(w)
+    (grad,) = torch.autograd.grad(out, w, g)
+    assert calls == []  # the eager path
+    w = w0.clone().requires_grad_()
+    with _Passthrough():
+        out_op = fn(w)
+        (grad_op,) = torch.autograd.grad(out_op, w, g)
+    assert calls == [f"_{name}_dropout_op", f"_{name}_dropout_backward_op"]
+    oracle.assert_bits_equal(out, out_op)
+    oracle.assert_bits_equal(grad, grad_op)
+    assert not torch.equal(out, w0)  # something was dropped: the comparison can fail
