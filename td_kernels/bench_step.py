@@ -191,33 +191,25 @@ def run(args) -> list:
     rows = []
     for name in args.models:
         times, params = {v: [] for v in args.variants}, {}
-        for r in range(rounds):
-            # Rounds interleave the variants (each round starts one later), so a slow phase of a
-            # shared machine lands on every variant alike and the per-round ratio cancels it.
-            # One model alive at a time, rebuilt per round (the same seeded model each time).
-            order = args.variants[r % len(args.variants):] + args.variants[:r % len(args.variants)]
-            for variant in order:
-                with warnings.catch_warnings():  # N:M skips layers whose fan-in 4 does not divide: expected
-                    warnings.simplefilter("ignore")
-                    case = build(name, variant, device, gpu_sizes=device.type == "cuda")
-                params[variant] = sum(p.numel() for p in case.model.parameters())
-                fn = step_fn(case)
-                fn()  # warm-up: allocations, optimizer state
-                times[variant].append(tb.time_fn(fn, device, args))
-                del case, fn
+        # one model alive at a time, rebuilt per round (the same seeded model each time)
+        for _, variant in tb.interleaved(list(args.variants), rounds):
+            with warnings.catch_warnings():  # N:M skips layers whose fan-in 4 does not divide: expected
+                warnings.simplefilter("ignore")
+                case = build(name, variant, device, gpu_sizes=device.type == "cuda")
+            params[variant] = sum(p.numel() for p in case.model.parameters())
+            fn = step_fn(case)
+            fn()  # warm-up: allocations, optimizer state
+            times[variant].append(tb.time_fn(fn, device, args))
+            del case, fn
         for variant in args.variants:
             t = times[variant]
-            ratio = _median_of([a.ms / b.ms for a, b in zip(t, times["none"])])
-            ms = _median_of([x.ms for x in t])
-            rows.append(dict(common, model=name, variant=variant, ms=ms, ms_p20=_median_of([x.p20 for x in t]),
-                             ms_p80=_median_of([x.p80 for x in t]), overhead=ratio, rounds=rounds,
+            ratio = tb.median([a.ms / b.ms for a, b in zip(t, times["none"])])
+            ms = tb.median([x.ms for x in t])
+            rows.append(dict(common, model=name, variant=variant, ms=ms, ms_p20=tb.median([x.p20 for x in t]),
+                             ms_p80=tb.median([x.p80 for x in t]), overhead=ratio, rounds=rounds,
                              params=params[variant]))
             print(f"# {name:12s} {variant:20s} {ms:9.2f} ms  {ratio:5.2f}x", file=sys.stderr, flush=True)
     return rows
-
-
-def _median_of(xs: list) -> float:
-    return tb._quantile(xs, 0.5)
 
 
 def format_table(rows) -> str:

@@ -56,7 +56,7 @@ import td_kernels as td
 from td_kernels.reference import count
 
 __all__ = ["main", "op_bytes", "copy_bytes", "compare_rows", "saved_bytes", "provider_names", "make_fn",
-           "COLUMNS", "SHAPES", "QUICK_SHAPES", "OPS", "MODES"]
+           "interleaved", "median", "COLUMNS", "SHAPES", "QUICK_SHAPES", "OPS", "MODES"]
 
 # Linear [out, in] of a 7B-class MLP and attention, conv [out, in, 3, 3], and a long row.
 SHAPES = ("4096x4096", "11008x4096", "4096x11008", "512x512x3x3", "64x64x3x3", "256x1000000")
@@ -523,6 +523,18 @@ def run(args, on_progress: Optional[Callable[[list], None]] = None) -> list:
     return _finish(rows, args, shapes, providers)
 
 
+def interleaved(items: list, rounds: int):
+    """``(round, item)`` for ``rounds`` rounds over ``items``, each round starting one item
+    later, so that a slow phase of a shared machine lands on every item alike."""
+    for r in range(rounds):
+        for item in items[r % len(items):] + items[:r % len(items)]:
+            yield r, item
+
+
+def median(xs) -> float:
+    return _quantile(list(xs), 0.5)
+
+
 def _measure_group(entries, op, shape, dname, w, g, args, common, device) -> list:
     """The rows of one op, shape and dtype: every (provider, mask format) entry in every mode,
     plus the memory columns. Entries are timed in ``args.rounds`` interleaved rounds (each round
@@ -533,15 +545,14 @@ def _measure_group(entries, op, shape, dname, w, g, args, common, device) -> lis
     rates = (args.drop_rate, args.targ_rate)
     rounds = args.rounds or (1 if device.type == "cuda" else 3)
     times = {e: {} for e in entries}
-    for r in range(rounds):
-        for e in entries[r % len(entries):] + entries[:r % len(entries)]:
-            if r and e[0] == "reference":
-                continue
-            for mode in args.modes:
-                fn = make_bench_fn(e[0], op, mode, w, g, *rates, mask=e[1])
-                times[e].setdefault(mode, []).append(time_fn(fn, device, args))
-                del fn
-            gc.collect()
+    for r, e in interleaved(entries, rounds):
+        if r and e[0] == "reference":
+            continue
+        for mode in args.modes:
+            fn = make_bench_fn(e[0], op, mode, w, g, *rates, mask=e[1])
+            times[e].setdefault(mode, []).append(time_fn(fn, device, args))
+            del fn
+        gc.collect()
     rows = []
     for p, mask in entries:
         mem = {}
@@ -550,13 +561,13 @@ def _measure_group(entries, op, shape, dname, w, g, args, common, device) -> lis
             mem["peak"] = peak_bytes(make_bench_fn(p, op, "fwd+bwd", w, g, *rates, mask=mask), device)
         for mode in args.modes:
             ts = times[(p, mask)][mode]
-            ms = _quantile([t.ms for t in ts], 0.5)
+            ms = median(t.ms for t in ts)
             nbytes = copy_bytes(mode, N, w.element_size()) if p == "clone" else \
                 op_bytes(op, mode, U, N // U, w.element_size(), mask or "recompute")
             peak = mem.get("peak") if mode == "fwd+bwd" else None
             rows.append(dict(common, op=op, mode=mode, shape="x".join(map(str, shape)), dtype=dname, provider=p,
-                             mask=mask, ms=ms, ms_p20=_quantile([t.p20 for t in ts], 0.5),
-                             ms_p80=_quantile([t.p80 for t in ts], 0.5), runs=sum(t.runs for t in ts),
+                             mask=mask, ms=ms, ms_p20=median(t.p20 for t in ts),
+                             ms_p80=median(t.p80 for t in ts), runs=sum(t.runs for t in ts),
                              rounds=len(ts), timer=ts[0].timer, bytes=nbytes, gbps=nbytes / ms / 1e6,
                              saved_bytes_per_elem=mem.get("saved"), peak_mb=None if peak is None else peak / 2**20))
             print(f"# {op:6s} {mode:7s} {rows[-1]['shape']:>12s} {dname:8s} {p:15s} {mask:9s} {ms:10.3f} ms",

@@ -4,8 +4,9 @@ dispatched to a backend through the registry.
 Each op is opaque to torch.compile (a custom op with a fake impl), so a model using it traces
 with no graph break on any backend. The public functions below (``weight_dropout`` ...) call the
 op, or, for eager calls on plain tensors, the same impls through one autograd.Function (see
-"the public entry points" at the end of this file). The random, count and window arguments travel as one
-int64 CPU tensor ``params``: a new seed or a changed rate is new data, never a new graph.
+"the public entry points" at the end of this file). The random, count and window arguments
+travel as one int64 CPU tensor ``params``: a new seed or a changed rate is new data, never a new
+graph.
 
 ``mask`` (a str, part of the graph) picks what the backward reads (SPEC section 7):
   ``"bits"``       the forward also writes the keep mask, 1 bit per element (int32
