@@ -20,7 +20,7 @@ $(VENV)/.deps-sparsity: $(VENV)/.deps
 	$(PIP) torch-pruning transformers
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps $(VENV)/.deps-sparsity setup.py pyproject.toml $(wildcard csrc/*)
+$(VENV)/.built: $(VENV)/.deps $(VENV)/.deps-sparsity setup.py pyproject.toml $(shell find csrc -type f)
 	TD_KERNELS_BUILD_EXT=1 $(PIP) --no-build-isolation -e .
 	touch $@
 

@@ -49,7 +49,7 @@ def _extension_and_cmdclass():
     nvcc = os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else None
     with_cuda = (torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
                  and os.environ.get("TD_KERNELS_BUILD_CUDA", "1") != "0")
-    sources = ["csrc/td_ops.cpp", "csrc/td_cpu.cpp"]
+    sources = ["csrc/td_ops.cpp", "csrc/cpu/td_cpu.cpp"]
     # -O3 for the loops; -fno-trapping-math -fno-math-errno as torch's own CPU build, so that
     # loops with float conversions and sqrt vectorize; -fopenmp because at::parallel_for
     # (torch's OpenMP backend) is inlined into our code: without it every loop would run on
@@ -59,7 +59,7 @@ def _extension_and_cmdclass():
     kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True,
                   include_dirs=[os.path.join(HERE, "csrc")])
     if with_cuda:
-        sources += ["csrc/td_cuda.cu", "csrc/td_cuda_binding.cpp"]
+        sources += ["csrc/cuda/td_cuda.cu", "csrc/cuda/td_cuda_binding.cpp"]
         # no --use_fast_math: its flush-to-zero would change the keys of float64 weights
         # whose float32 rounding is subnormal, and its approximate sqrt the unit norms
         nv = ["-O3", "-lineinfo"] + [f"-gencode=arch=compute_{sm},code=sm_{sm}" for sm in CUDA_SMS]

@@ -9,7 +9,7 @@
 #
 #   bash bench/gpu.sh                         # the whole thing on the GPU
 #   bash bench/gpu.sh --device cpu --no-build --quick   # dry run of the Python parts on CPU
-#   bash bench/gpu.sh -- --shapes 4096x4096   # anything after -- goes to td_kernels.benchmark
+#   bash bench/gpu.sh -- --shapes 4096x4096   # anything after -- goes to td_kernels.tools.bench.ops
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -84,10 +84,10 @@ if [[ -f "$results/bench.csv" ]]; then  # an earlier run on this card: flag regr
   cp "$results/bench.csv" "$previous"
   bench_args+=(--compare "$previous")
 fi
-step benchmark 140 "$PY" -m td_kernels.benchmark "${bench_args[@]}" "${extra[@]}"
+step benchmark 140 "$PY" -m td_kernels.tools.bench.ops "${bench_args[@]}" "${extra[@]}"
 step_args=(--step --device "$device" --out "$results" --rep-ms 100)
 [[ $quick == 1 ]] && step_args+=(--models cnn --min-time 0.05)
-step training-steps 60 "$PY" -m td_kernels.benchmark "${step_args[@]}"
+step training-steps 60 "$PY" -m td_kernels.tools.bench.ops "${step_args[@]}"
 step pytest-benchmark 30 "$PY" -m pytest -q -p no:cacheprovider bench/ --benchmark-only --benchmark-max-time=0.2
 
 echo; echo "# finished $(date -u +%FT%TZ) after ${SECONDS}s; results in $results:"; ls -l "$results"

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 import td_kernels  # noqa: F401  (registers the backends)
-from td_kernels import native, reference
-from td_kernels.benchmark import device_name
+from td_kernels import reference
+from td_kernels.backends import native
+from td_kernels.tools.bench.common import device_name
 
 CASES = ("clone", "dropout_fwd", "dropout_bwd", "fwd", "fwd_bits", "bwd_recompute", "bwd_bits", "nm_fwd",
          "unit_fwd")

@@ -1,18 +1,18 @@
-"""pytest-benchmark suite over the same providers as td_kernels.benchmark:
+"""pytest-benchmark suite over the same providers as td_kernels.tools.bench.ops:
 
     pytest bench/ --benchmark-only [--benchmark-max-time=0.2] [--benchmark-json=out.json]
 
 One weight (TD_BENCH_SHAPE, default 4096x4096 on CUDA, 1024x1024 on CPU; TD_BENCH_DTYPE, default
 float32) per provider x op x mode. Each benchmark's extra_info carries the bytes the op must move
 and the GB/s at the median. On CUDA every call synchronizes (pytest-benchmark times on the host
-and does not flush L2); `python -m td_kernels.benchmark` is the authoritative harness.
+and does not flush L2); `python -m td_kernels.tools.bench.ops` is the authoritative harness.
 """
 import os
 
 import pytest
 import torch
 
-from td_kernels import benchmark as tb
+from td_kernels.tools.bench import ops as tb
 
 DEVICE = torch.device(os.environ.get("TD_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 SHAPE = tb.parse_shape(os.environ.get("TD_BENCH_SHAPE", "4096x4096" if DEVICE.type == "cuda" else "1024x1024"))

@@ -2,7 +2,7 @@
 //
 // Layout follows pytorch/extension-cpp: every schema in one TORCH_LIBRARY block here, one
 // TORCH_LIBRARY_IMPL per device (td_cpu.cpp, td_cuda_binding.cpp), fake (meta) kernels in
-// Python (td_kernels/native.py). The namespace is td_kernels_native because td_kernels itself
+// Python (td_kernels/backends/native.py). The namespace is td_kernels_native because td_kernels itself
 // already holds the public Python custom ops of the same names, which call these.
 // Autograd is the public ops' business (td_kernels/ops.py); these ops are plain kernels.
 #include <Python.h>
@@ -10,7 +10,7 @@
 
 #include <string>
 
-#include "td_cpu_philox.h"  // TD_HAVE_AVX2_PATH, best_simd
+#include "cpu/td_cpu_philox.h"  // TD_HAVE_AVX2_PATH, best_simd
 
 namespace {
 // _C.BUILD_INFO: what this build holds, for `td-kernels info`. setup.py passes the CUDA part as

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 examples/distributed.py [--fsdp|--ddp] [--steps N] [--compile [BACKEND]]
                                                         [--save DIR] [--resume DIR]
 
-Trains the demo's MLP (``td_kernels.demo``, scikit-learn's 8x8 digits) with targeted weight
+Trains the demo's MLP (``td_kernels.tools.demo``, scikit-learn's 8x8 digits) with targeted weight
 dropout (alpha 0.75, gamma 0.9) on a global batch of 64 split across the ranks. Every rank calls
 ``torch.manual_seed(seed)`` before ``apply_targeted_dropout`` (that fixes every layer's dropout
 stream), then reseeds its default generator per rank for its own random augmentation: the ranks
@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import td_kernels as td
-from td_kernels.demo import load_data, make_model
+from td_kernels.tools.demo import load_data, make_model
 
 BATCH = 64  # global: each rank trains on BATCH // world_size examples per step
 

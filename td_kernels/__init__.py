@@ -1,8 +1,11 @@
 """td_kernels: fast targeted dropout (Gomez et al.) for PyTorch.
 
 Backends register themselves with ``td_kernels._registry`` on import: the pure-PyTorch
-reference always; the Triton kernels where ``triton`` imports; the native C++/CUDA kernels
-where the extension was built. See README.md and SPEC.md for the exact semantics.
+reference always; the Triton kernels (``td_kernels.backends.triton``) where ``triton`` imports;
+the native C++/CUDA kernels (``td_kernels.backends.native``) where the extension was built.
+See README.md and SPEC.md for the exact semantics, docs/architecture.md for the layers.
+This module loads the library only: the programs behind ``td-kernels`` (``td_kernels.tools``)
+and the trainer integrations (``td_kernels.integrations``) are imported by their users.
 """
 import torch
 
@@ -23,12 +26,12 @@ _registry.register(Backend(
 ))
 
 try:
-    from . import triton as _triton_backend  # noqa: F401  (registers "triton")
+    from .backends import triton as _triton_backend  # noqa: F401  (registers "triton")
 except Exception as e:  # triton not installed, too old, or broken
     _registry.unavailable("triton", f"Triton could not be imported ({e}); install it with `pip install 'triton>=3.6'`")
 
 try:
-    from . import native as _native_backend  # noqa: F401  (registers "native")
+    from .backends import native as _native_backend  # noqa: F401  (registers "native")
 except Exception as e:  # extension not built, or built against another torch
     _registry.unavailable("native", f"the compiled extension td_kernels._C did not load ({e}); build it with "
                           "`pip install --no-build-isolation -e .` after installing torch")
@@ -36,13 +39,13 @@ except Exception as e:  # extension not built, or built against another torch
 from . import ops  # noqa: E402  (registers the torch.library ops)
 from .api import (prune_nm, prune_units, prune_weights, targeted_nm_dropout, targeted_unit_dropout,  # noqa: E402
                   targeted_weight_dropout)
-from . import nn  # noqa: E402
-from .nn import (TargetedDropout, apply_targeted_dropout, get_rng_state, register_layer,  # noqa: E402
-                 remove_targeted_dropout, set_rng_state)
-from .schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate  # noqa: E402
-from .pruning import TargetedPruning, prune_model, sparsity_report  # noqa: E402
-from .shrink import ShrinkReport, shrink_model  # noqa: E402
-from .sparse import is_nm_sparse, nm_violations, to_semi_structured  # noqa: E402
+from .training import nn  # noqa: E402
+from .training.nn import (TargetedDropout, apply_targeted_dropout, get_rng_state, register_layer,  # noqa: E402
+                          remove_targeted_dropout, set_rng_state)
+from .training.schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate  # noqa: E402
+from .training.pruning import TargetedPruning, prune_model, sparsity_report  # noqa: E402
+from .sparsity.shrink import ShrinkReport, shrink_model  # noqa: E402
+from .sparsity.sparse import is_nm_sparse, nm_violations, to_semi_structured  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,6 +1,6 @@
 """``python -m td_kernels demo|bench|info``."""
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

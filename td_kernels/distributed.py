@@ -38,7 +38,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 
 from . import ops
 from ._registry import resolve
-from .api import _seed_tensor, nm_params, unit_params, weight_params
+from ._params import _seed_tensor, nm_params, unit_params, weight_params
 from .reference import KEY_MAX, count, drop_threshold, norms_from_sumsq, rank_keys, unit_keep_from_norms, unit_sumsq
 
 __all__ = ["sharded_targeting"]

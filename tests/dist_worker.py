@@ -332,7 +332,7 @@ def _seed_none(ctx):
         torch.manual_seed(100)  # the mesh's first rank is global rank 0 here
         want = fn(w)
         torch.manual_seed(100 + ctx.rank)
-        td.api._seed_tensor(None)  # the one draw a single-process call makes
+        td._params._seed_tensor(None)  # the one draw a single-process call makes
         want_after = torch.randint(0, 2**62, (4,))
         oracle.assert_bits_equal(got, want)
         assert torch.equal(after, want_after), f"{kind} {pls}: the default generator advanced by more than one draw"

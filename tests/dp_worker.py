@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import td_kernels as td
-from td_kernels.demo import make_model
+from td_kernels.tools.demo import make_model
 
 import dist_worker
 from dist_worker import WORLD, Comms

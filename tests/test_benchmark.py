@@ -1,4 +1,4 @@
-"""Fast tests of the benchmark harness (td_kernels/benchmark.py): the bytes model, the
+"""Fast tests of the benchmark harness (td_kernels/tools/bench/ops.py): the bytes model, the
 saved-for-backward accounting, the CSV schema, --compare, and one tiny run of the CLI path."""
 import csv
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import td_kernels as td
-from td_kernels import benchmark as tb
+from td_kernels.tools.bench import ops as tb
+from td_kernels.tools.bench.common import Timing
 
 
 def test_op_bytes_model():
@@ -128,7 +129,7 @@ def test_cli_tiny_run_table_csv_plot_and_compare(tmp_path, capsys):
     for r in rows:
         r["ms"] = float(r["ms"]) / 100
     old = tmp_path / "old.csv"
-    tb.write_csv(rows, old)
+    tb.write_csv(rows, old, tb.COLUMNS)
     fast = ["--device", "cpu", "--shapes", "16x32", "--dtypes", "float32", "--min-time", "0.01", "--modes", "fwd",
             "--ops", "weight", "--providers", "dropout", "--no-memory", "--compare", str(old)]
     assert tb.main(fast) == 0
@@ -152,9 +153,9 @@ def test_cuda_backends_keep_at_most_a_bit_and_peak_is_measured():
     assert tb.saved_bytes(tb.make_fn("dropout", "weight", 0.5, 0.5), w) >= N  # a per-element mask
 
 
-# ---- the training-step benchmark (td_kernels/bench_step.py) -------------------------------
+# ---- the training-step benchmark (td_kernels/tools/bench/step.py) -------------------------------
 def test_step_variants_regularise_what_they_say():
-    from td_kernels import bench_step as bs
+    from td_kernels.tools.bench import step as bs
     x_out = {}
     for variant in bs.VARIANTS:
         case = bs.build("cnn", variant, "cpu")
@@ -190,14 +191,14 @@ def test_step_cli_writes_table_csv_and_plot(tmp_path, capsys):
 
 def test_step_ratios_are_per_round_medians(monkeypatch):
     """A machine that slows down mid-run: per-round ratios cancel what back-to-back timing cannot."""
-    from td_kernels import bench_step as bs
+    from td_kernels.tools.bench import step as bs
     slow = {"n": 0}
 
     def fake_time(fn, device, args):  # every call 1 ms, times 1 + the number of calls so far
         slow["n"] += 1
         ms = float(slow["n"])
-        return tb.Timing(ms, ms, ms, 1, "fake")
-    monkeypatch.setattr(tb, "time_fn", fake_time)
+        return Timing(ms, ms, ms, 1, "fake")
+    monkeypatch.setattr(bs.bench, "time_fn", fake_time)  # step times through common
     args = bs.build_parser().parse_args(["--models", "cnn", "--variants", "none,td-weight", "--rounds", "3"])
     rows = bs.run(args)
     # rounds time (none, td) = (1, 2), then (td, none) = (3, 4), then (none, td) = (5, 6):
@@ -213,7 +214,7 @@ def test_op_rounds_interleave_and_report_medians(monkeypatch):
 
     def fake_time(fn, device, args):  # the n-th timing takes n ms: a machine slowing down
         calls["n"] += 1
-        return tb.Timing(float(calls["n"]), 0.0, 0.0, 1, "fake")
+        return Timing(float(calls["n"]), 0.0, 0.0, 1, "fake")
     monkeypatch.setattr(tb, "time_fn", fake_time)
     args = tb.build_parser().parse_args(["--device", "cpu", "--shapes", "4x8", "--dtypes", "float32", "--ops",
                                          "weight", "--modes", "fwd", "--providers", "dropout,clone",

@@ -11,7 +11,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from td_kernels import cli, demo  # noqa: E402
+from td_kernels.tools import cli, demo  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,7 +117,7 @@ def test_cli_bad_arguments(argv, needle, capsys, tmp_path):
 
 
 def test_cli_bench_hands_its_arguments_to_the_benchmark(monkeypatch):
-    from td_kernels import benchmark
+    from td_kernels.tools.bench import ops as benchmark
 
     seen = []
     monkeypatch.setattr(benchmark, "main", lambda argv=None: seen.append(argv) or 0)

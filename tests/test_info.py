@@ -7,8 +7,9 @@ import sys
 import torch
 
 import td_kernels as td
-from td_kernels import _registry, cli
-from td_kernels.info import collect, format_info
+from td_kernels import _registry
+from td_kernels.tools import cli
+from td_kernels.tools.info import collect, format_info
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 native = pytest.importorskip(
-    "td_kernels.native",
+    "td_kernels.backends.native",
     reason="native extension td_kernels._C not built (pip install --no-build-isolation -e .)")
 
 import oracle  # noqa: E402
@@ -544,7 +544,7 @@ def test_avx2_path_without_avx512():
     kernels; this covers the switch and the glue)."""
     import subprocess
     import sys
-    code = ("import torch; from td_kernels import native, reference as R\n"
+    code = ("import torch; from td_kernels import reference as R; from td_kernels.backends import native\n"
             "w = torch.randn(9, 1000, generator=torch.Generator().manual_seed(3))\n"
             "for win in (None, R.Window(3, 1003)):\n"
             "    a = native.weight_dropout(w, 5, 400, 2**31, window=win, bits=True)\n"

@@ -5,7 +5,7 @@
   selections (radix; sample-bracketed on every vector path), window positions and drop bits
   at unaligned starts, mask-word helpers, N:M ranks for every (n, m), and the CPU row kernels
   (apply with keys or N:M candidates, bits written and read back) against a scalar model;
-* csrc/td_cuda.cu compiled with nvcc for sm_80 and sm_90 with ``-Xptxas -v``: no errors, no
+* csrc/cuda/td_cuda.cu compiled with nvcc for sm_80 and sm_90 with ``-Xptxas -v``: no errors, no
   register spills, and every kernel variant present (skipped without nvcc).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def test_core_host_program(tmp_path):
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_cuda_kernels_compile_without_spills(tmp_path):
-    cmd = [_nvcc(), "-std=c++17", "-O3", "-c", os.path.join(CSRC, "td_cuda.cu"), "-o", str(tmp_path / "td_cuda.o"),
+    cmd = [_nvcc(), "-std=c++17", "-O3", "-c", os.path.join(CSRC, "cuda", "td_cuda.cu"), "-o", str(tmp_path / "td_cuda.o"),
            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90", "-Xptxas", "-v"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = res.stdout + res.stderr
@@ -84,7 +84,7 @@ def test_cuda_binding_compiles(tmp_path):
     cmd = ["g++", std, "-fsyntax-only", "-DTD_WITH_CUDA", f"-I{CSRC}", f"-I{tmp_path / 'stub'}", f"-I{cuda_inc}",
            f"-I{sysconfig.get_paths()['include']}"]
     cmd += [f"-I{p}" for p in ce.include_paths()]
-    res = subprocess.run(cmd + [os.path.join(CSRC, "td_cuda_binding.cpp")], capture_output=True, text=True,
+    res = subprocess.run(cmd + [os.path.join(CSRC, "cuda", "td_cuda_binding.cpp")], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     # _C.BUILD_INFO's CUDA part, with the macros setup.py passes to a CUDA build

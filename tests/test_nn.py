@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import td_kernels as td
-from td_kernels.nn import (TargetedDropout, apply_targeted_dropout, get_rng_state, layer_type, register_layer,
+from td_kernels.training.nn import (TargetedDropout, apply_targeted_dropout, get_rng_state, layer_type, register_layer,
                            remove_targeted_dropout, set_rng_state, targeted_dropout_modules)
 
 

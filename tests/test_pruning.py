@@ -10,8 +10,8 @@ from torch.nn.utils import prune
 
 import td_kernels as td
 from td_kernels import reference as ref
-from td_kernels.nn import apply_targeted_dropout
-from td_kernels.pruning import TargetedPruning, prune_model, sparsity_report
+from td_kernels.training.nn import apply_targeted_dropout
+from td_kernels.training.pruning import TargetedPruning, prune_model, sparsity_report
 
 
 def _model():

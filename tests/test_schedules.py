@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import td_kernels as td
-from td_kernels.nn import TargetedDropout, apply_targeted_dropout
+from td_kernels.training.nn import TargetedDropout, apply_targeted_dropout
 from td_kernels.reference import count
-from td_kernels.schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate
+from td_kernels.training.schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate
 
 
 def _model():

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import td_kernels as td
-from td_kernels.demo import make_model
-from td_kernels.shrink import zero_units
+from td_kernels.tools.demo import make_model
+from td_kernels.sparsity.shrink import zero_units
 
 pytest.importorskip("torch_pruning")  # `make .venv/.built` installs it
 
@@ -355,7 +355,7 @@ def test_bad_input():
 
 def test_bench_inference_smoke(tmp_path):
     """The CPU benchmark's rows: the dense baseline and one shrunk variant, timed interleaved."""
-    from td_kernels import bench_inference
+    from td_kernels.tools.bench import inference as bench_inference
 
     rows = bench_inference.run_cpu(["mlp"], [0.5], [2], reps=2, block_s=0.001, threads=1, progress=lambda s: None)
     assert [r["variant"] for r in rows] == ["dense", "shrunk 50%"]

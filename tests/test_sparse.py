@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import td_kernels as td
-from td_kernels.sparse import semi_structured_unsupported
+from td_kernels.sparsity.sparse import semi_structured_unsupported
 
 
 def nm_violations_loop(w, n, m):

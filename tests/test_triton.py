@@ -22,11 +22,11 @@ from hypothesis import assume, given, settings, strategies as st  # noqa: E402
 import td_kernels  # noqa: E402,F401  (registers the backends)
 from td_kernels import _registry, reference as R  # noqa: E402
 
-tb = importlib.import_module("td_kernels.triton")
-common = importlib.import_module("td_kernels.triton._common")
-wd = importlib.import_module("td_kernels.triton.weight_dropout")
-ud = importlib.import_module("td_kernels.triton.unit_dropout")
-nd = importlib.import_module("td_kernels.triton.nm_dropout")
+tb = importlib.import_module("td_kernels.backends.triton")
+common = importlib.import_module("td_kernels.backends.triton._common")
+wd = importlib.import_module("td_kernels.backends.triton.weight_dropout")
+ud = importlib.import_module("td_kernels.backends.triton.unit_dropout")
+nd = importlib.import_module("td_kernels.backends.triton.nm_dropout")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

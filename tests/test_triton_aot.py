@@ -36,7 +36,7 @@ SPILL_SLACK = 16  # bytes per thread, outside loops only (see test_compiles_with
 
 def variants():
     """(name, module, kernel, types of the non-constexpr args, constexprs, num_warps)."""
-    from td_kernels.triton import _common as c, nm_dropout as nd, unit_dropout as ud, weight_dropout as wd
+    from td_kernels.backends.triton import _common as c, nm_dropout as nd, unit_dropout as ud, weight_dropout as wd
 
     def types(dt, bits_dt="i32", **extra):
         t = {"w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "limit_ptr": "*i32",
@@ -104,7 +104,7 @@ def _compile(variant):
     from triton.compiler import ASTSource
 
     name, module, kernel, types, consts, warps = variant
-    fn = getattr(importlib.import_module(f"td_kernels.triton.{module}"), kernel)
+    fn = getattr(importlib.import_module(f"td_kernels.backends.triton.{module}"), kernel)
     sig = {a: "constexpr" if a in consts else (types[a] if a in types else "i32") for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if a not in consts and (sig[a].startswith("*") or a == "F")}
@@ -192,7 +192,7 @@ def compiled(tmp_path_factory):
 def _names():
     try:
         return [v[0] for v in variants()]
-    except Exception:  # noqa: BLE001 (td_kernels.triton did not import: the fixture says why)
+    except Exception:  # noqa: BLE001 (td_kernels.backends.triton did not import: the fixture says why)
         return ["import"]
 
 

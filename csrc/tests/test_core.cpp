@@ -17,9 +17,9 @@
 #include <vector>
 
 #include "../td_core.h"
-#include "../td_cpu_kernels.h"
-#include "../td_cpu_philox.h"
-#include "../td_select.h"
+#include "../cpu/td_cpu_kernels.h"
+#include "../cpu/td_cpu_philox.h"
+#include "../cpu/td_select.h"
 
 static int failures = 0;
 #define EXPECT(cond, ...)                                      \

@@ -1,6 +1,6 @@
 """Benchmarks that tell the truth: time, achieved bandwidth, memory kept for backward.
 
-``python -m td_kernels.benchmark --help`` (also ``td-kernels bench``). For every (op, mode,
+``python -m td_kernels.tools.bench.ops --help`` (also ``td-kernels bench``). For every (op, mode,
 shape, dtype) it times each *provider*:
 
 * one per backend in ``td.available_backends(device)``, called through the public API with
@@ -35,17 +35,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
 import gc
 import math
 import os
-import re
-import subprocess
 import sys
 import weakref
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -53,7 +48,9 @@ import torch
 import torch.nn.functional as F
 
 import td_kernels as td
-from td_kernels.reference import count
+
+from .common import (_csv_list, _kthvalue_nm, _kthvalue_unit, _kthvalue_weight, _version, device_name, git_commit,
+                     interleaved, median, read_csv, text_table, time_fn, write_csv)
 
 __all__ = ["main", "op_bytes", "copy_bytes", "compare_rows", "saved_bytes", "provider_names", "make_fn",
            "interleaved", "median", "COLUMNS", "SHAPES", "QUICK_SHAPES", "OPS", "MODES"]
@@ -114,44 +111,6 @@ def copy_bytes(mode: str, N: int, elem_size: int) -> int:
 
 
 # ---- providers ---------------------------------------------------------------------------
-def _kthvalue_weight(w, drop_rate, targ_rate):
-    """Weight targeting as one would write it by hand, unfused: |W|, the k-th smallest per row
-    (kthvalue sorts/selects), a float32 uniform per element, and masked_fill, which keeps a
-    bool (1 byte per element) mask for backward."""
-    with torch.no_grad():
-        a = w.reshape(w.shape[0], -1).abs()
-        k = count(targ_rate, a.shape[1])
-        if k == 0 or k == a.shape[1]:
-            cand = torch.full_like(a, k != 0, dtype=torch.bool)
-        else:
-            cand = a < a.kthvalue(k + 1, dim=1, keepdim=True).values
-        drop = cand & (torch.rand(a.shape, device=a.device) < drop_rate)
-    return w.masked_fill(drop.view(w.shape), 0)
-
-
-def _kthvalue_unit(w, drop_rate, targ_rate):
-    """Unit targeting by hand: row L2 norms, kthvalue over them, one uniform per unit."""
-    with torch.no_grad():
-        U = w.shape[0]
-        norms = w.reshape(U, -1).float().norm(dim=1)
-        k = count(targ_rate, U)
-        if k == 0 or k == U:
-            cand = torch.full_like(norms, k != 0, dtype=torch.bool)
-        else:
-            cand = norms < norms.kthvalue(k + 1).values
-        drop = cand & (torch.rand(U, device=w.device) < drop_rate)
-    return w.masked_fill(drop.view(U, *[1] * (w.ndim - 1)), 0)
-
-
-def _kthvalue_nm(w, drop_rate, n, m):
-    """N:M targeting by hand: |W| in groups of m, a stable argsort per group (ties to the lower
-    index, as SPEC section 11), the m - n first are candidates, a uniform per element."""
-    with torch.no_grad():
-        a = w.reshape(w.shape[0], -1, m).abs()
-        order = a.argsort(dim=2, stable=True)[..., : m - n]
-        cand = torch.zeros_like(a, dtype=torch.bool).scatter_(2, order, True)
-        drop = cand & (torch.rand(a.shape, device=a.device) < drop_rate)
-    return w.masked_fill(drop.view(w.shape), 0)
 
 
 def provider_names(device) -> list:
@@ -295,102 +254,6 @@ def peak_bytes(fn: Callable, device: torch.device) -> Optional[int]:
     return peak
 
 
-# ---- timing ------------------------------------------------------------------------------
-@dataclass
-class Timing:
-    ms: float
-    p20: float
-    p80: float
-    runs: int
-    timer: str
-
-
-def _quantile(xs, q):
-    xs = sorted(xs)
-    pos = (len(xs) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def time_fn(fn: Callable, device: torch.device, args) -> Timing:
-    if device.type == "cuda":
-        try:
-            import triton.testing
-        except ImportError:
-            return _time_cuda_events(fn, args)
-        ms, p20, p80 = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return Timing(ms, p20, p80, -1, "triton.testing.do_bench")
-    from torch.utils.benchmark import Timer
-    t = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    first = t.timeit(1).median  # warm-up, and tells slow ops apart
-    if first > args.slow_call_s:  # e.g. the reference on CPU: --slow-runs single calls, the
-        # first included (warm-up effects are noise next to a call this slow)
-        times = [first] + [t.timeit(1).median for _ in range(args.slow_runs - 1)]
-        kind = "torch.utils.benchmark.Timer.timeit(1)"
-    else:
-        m = t.blocked_autorange(min_run_time=args.min_time)
-        times = m.times
-        kind = "torch.utils.benchmark.Timer.blocked_autorange"
-    ms = [x * 1e3 for x in times]
-    return Timing(_quantile(ms, 0.5), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms), kind)
-
-
-def _time_cuda_events(fn, args) -> Timing:
-    """Fallback without Triton: CUDA events, a 256 MiB write before each run flushes L2."""
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    fn()
-    ms = []
-    for _ in range(max(5, args.cuda_runs)):
-        flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ms.append(a.elapsed_time(b))
-    return Timing(_quantile(ms, 0.5), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms), "cuda events")
-
-
-# ---- environment -------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "device"
-
-
-def git_commit() -> str:
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _version(pkg: str) -> str:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return ""
-
-
 # ---- run ---------------------------------------------------------------------------------
 def parse_shape(s: str) -> tuple:
     try:
@@ -402,20 +265,10 @@ def parse_shape(s: str) -> tuple:
     return dims
 
 
-def _csv_list(choices=None):
-    def parse(s):
-        items = [x.strip() for x in s.split(",") if x.strip()]
-        bad = [x for x in items if choices is not None and x not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"{bad or s!r}: choose from {', '.join(choices)}")
-        return items
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="td-kernels bench", description=__doc__.split("\n\n")[0],
                                 epilog="td-kernels bench --step [...] times whole training steps instead "
-                                       "(td_kernels.bench_step; --step --help for its options)",
+                                       "(td_kernels.tools.bench.step; --step --help for its options)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", type=lambda v: [parse_shape(x) and x for x in _csv_list()(v)], default=None, help=f"comma list (default: {','.join(SHAPES)})")
@@ -523,18 +376,6 @@ def run(args, on_progress: Optional[Callable[[list], None]] = None) -> list:
     return _finish(rows, args, shapes, providers)
 
 
-def interleaved(items: list, rounds: int):
-    """``(round, item)`` for ``rounds`` rounds over ``items``, each round starting one item
-    later, so that a slow phase of a shared machine lands on every item alike."""
-    for r in range(rounds):
-        for item in items[r % len(items):] + items[:r % len(items)]:
-            yield r, item
-
-
-def median(xs) -> float:
-    return _quantile(list(xs), 0.5)
-
-
 def _measure_group(entries, op, shape, dname, w, g, args, common, device) -> list:
     """The rows of one op, shape and dtype: every (provider, mask format) entry in every mode,
     plus the memory columns. Entries are timed in ``args.rounds`` interleaved rounds (each round
@@ -622,29 +463,6 @@ def format_table(rows) -> str:
     return text_table(head, lines, left=6)
 
 
-def text_table(head, lines, left: int) -> str:
-    """Aligned columns: the first ``left`` left-aligned (labels), the rest right-aligned (numbers)."""
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
-
-    def fmt(cells):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines])
-
-
-def write_csv(rows, path: Path, columns=COLUMNS) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=columns)
-        wr.writeheader()
-        for r in rows:
-            wr.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
-
-
-def read_csv(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _key(r) -> tuple:
     # threads matter only for CPU timings
     return tuple("" if (c == "threads" and r.get("device_type") != "cpu") else str(r.get(c, ""))
@@ -713,9 +531,9 @@ def plot(rows, out_dir: Path) -> list:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--step" in argv:  # whole training steps: td_kernels.bench_step
-        from . import bench_step
-        return bench_step.main(argv)
+    if "--step" in argv:  # whole training steps: td_kernels.tools.bench.step
+        from . import step
+        return step.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("slow_runs", "threads", "rep_ms", "cuda_runs", "rounds"):
@@ -729,14 +547,14 @@ def main(argv=None) -> int:
         parser.error("--drop-rate and --targ-rate must be in [0, 1]")
     args.dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
     csv_path = args.csv or (args.out / "bench.csv" if args.out else None)
-    rows = run(args, on_progress=(lambda rows: write_csv(rows, csv_path)) if csv_path else None)
+    rows = run(args, on_progress=(lambda rows: write_csv(rows, csv_path, COLUMNS)) if csv_path else None)
     print(format_table(rows))
-    print("# GB/s = bytes the op must move (td_kernels.benchmark.op_bytes) / median time; %copy = that / the "
+    print("# GB/s = bytes the op must move (td_kernels.tools.bench.ops.op_bytes) / median time; %copy = that / the "
           "clone's GB/s in this run; saved B/el = bytes kept for backward per element (weight excluded); "
           "peak MB = peak allocation of one fwd+bwd above its inputs"
           + (" (CPU: torch profiler allocator events)" if args.device.startswith("cpu") else ""))
     if csv_path:
-        write_csv(rows, csv_path)
+        write_csv(rows, csv_path, COLUMNS)
         print(f"# wrote {csv_path}")
     if args.out and not args.no_plot and rows:
         args.out.mkdir(parents=True, exist_ok=True)

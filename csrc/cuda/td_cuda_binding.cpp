@@ -14,7 +14,7 @@
 #include <optional>
 #include <tuple>
 
-#include "td_checks.h"
+#include "../td_checks.h"
 #include "td_cuda.h"
 
 namespace td_native {

@@ -1,10 +1,10 @@
 """Inference latency of sparsity that buys speed: shrunk unit-pruned models (CPU) and 2:4
 semi-structured linears (CUDA), each against its dense original measured in the same run.
 
-    python -m td_kernels.bench_inference                 # CPU: demo MLP and CNN, 50/70/80% units
-    python -m td_kernels.bench_inference --gpu           # also 2:4 vs dense linears (CUDA only)
+    python -m td_kernels.tools.bench.inference                 # CPU: demo MLP and CNN, 50/70/80% units
+    python -m td_kernels.tools.bench.inference --gpu           # also 2:4 vs dense linears (CUDA only)
 
-CPU: the demo's MLP and CNN (``td_kernels.demo.make_model``, seeded random weights: latency does
+CPU: the demo's MLP and CNN (``td_kernels.tools.demo.make_model``, seeded random weights: latency does
 not depend on the values) are unit-pruned per layer with ``td.prune_model(mode="unit")`` at each
 rate (every layer but the logits layer), shrunk with ``td.shrink_model``, and timed against the
 dense original. The machine may be shared, so the variants are timed interleaved: every repeat
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 import td_kernels as td
-from td_kernels.benchmark import _quantile, device_name, git_commit
-from td_kernels.demo import make_model
+from ..demo import make_model
+from .common import _quantile, device_name, git_commit
 
 RATES = (0.5, 0.7, 0.8)
 BATCHES = (1, 64, 512)
@@ -214,7 +214,7 @@ def _csv_list(kind):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m td_kernels.bench_inference", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m td_kernels.tools.bench.inference", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/results/cpu", help="output directory (default: bench/results/cpu)")
     p.add_argument("--models", type=_csv_list(str), default=("mlp", "cnn"))
     p.add_argument("--rates", type=_csv_list(float), default=RATES, help="unit prune rates (default: 0.5,0.7,0.8)")

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import bits_words
+from ...reference import bits_words
 
 KEY_MAX = 0x7FFFFFFF
 # Triton picks interpreted or compiled kernels when @triton.jit runs (at import), so the

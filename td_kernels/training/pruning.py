@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ops, reference
-from .api import _fan_in, nm_params, unit_params, weight_params
+from .. import ops, reference
+from .._params import _fan_in, nm_params, unit_params, weight_params
 from .nn import (LAST_LINEAR, _check_mode, _check_model, _check_nm_args, _check_rate, _nothing_to, _select,
                  layer_type, prunable_layers)
 

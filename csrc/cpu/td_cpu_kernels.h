@@ -31,7 +31,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "td_core.h"
+#include "../td_core.h"
 #include "td_cpu_philox.h"
 #include "td_select.h"
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import check_nm, check_window
+from ...reference import check_nm, check_window
 from ._common import (_cols, _key, _store_bits, _tile_dropped, aligned, bits_backward, check_drop_threshold,
                       check_grad, check_seed, check_w2d, device_guard, launch_chunks, new_bits, num_warps)
 

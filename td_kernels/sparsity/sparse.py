@@ -17,7 +17,7 @@ tests):
   sparse kernels pay for the metadata and a fixed overhead: small layers, and single-token
   (matrix-vector) inputs, are known to run no faster or slower than dense (pytorch/pytorch issue
   111339: a 4096 x 4096 weight with a 1 x 4096 input showed no speed-up). The threshold is a
-  heuristic: ``python -m td_kernels.bench_inference --gpu`` measures your shapes.
+  heuristic: ``python -m td_kernels.tools.bench.inference --gpu`` measures your shapes.
 
 The converted weight is a frozen inference tensor (``requires_grad=False``): the export is for
 inference.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .reference import check_nm
+from ..reference import check_nm
 
 __all__ = ["to_semi_structured", "nm_violations", "is_nm_sparse", "SemiStructuredReport", "SemiStructuredLayer",
            "semi_structured_unsupported"]

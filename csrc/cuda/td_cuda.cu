@@ -20,7 +20,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "td_core.h"
+#include "../td_core.h"
 #include "td_cuda.h"
 
 namespace td_cuda {

@@ -47,12 +47,12 @@ def main(argv=None) -> int:
                                       "sees, every backend with whether it runs here (and why not), the native "
                                       "extension's build and the thread counts.")
     info.add_argument("--json", action="store_true", help="print it as JSON")
-    sub.add_parser("bench", help="benchmark the backends (arguments go to td_kernels.benchmark)", add_help=False)
+    sub.add_parser("bench", help="benchmark the backends (arguments go to td_kernels.tools.bench.ops)", add_help=False)
     if argv[:1] == ["bench"]:
         # hand every remaining argument to the benchmark's own parser
-        from . import benchmark  # lazily: it may pull in Triton and the native extension
+        from .bench import ops  # lazily: it may pull in Triton and the native extension
 
-        return benchmark.main(argv[1:]) or 0
+        return ops.main(argv[1:]) or 0
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -8,7 +8,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "td_core.h"
+#include "../td_core.h"
 
 namespace td_cuda {
 

@@ -20,7 +20,7 @@ from typing import Iterable
 from torch import nn
 
 from .nn import TargetedDropout, _check_rate, targeted_dropout_modules, unit_view
-from .reference import count
+from ..reference import count
 
 __all__ = ["RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "ramp_fraction"]
 

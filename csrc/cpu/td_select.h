@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "td_core.h"
+#include "../td_core.h"
 #include "td_cpu_philox.h"  // TD_HAVE_AVX2_PATH, cpu_has_avx2
 
 namespace td {

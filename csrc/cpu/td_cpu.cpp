@@ -36,8 +36,8 @@
 #include <sys/mman.h>
 #endif
 
-#include "td_checks.h"
-#include "td_core.h"
+#include "../td_checks.h"
+#include "../td_core.h"
 #include "td_cpu_kernels.h"
 
 namespace td_native {

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import api, ops, reference
-from ._registry import check_name
-from .api import _check_rate, _fan_in, _is_dtensor
+from .. import api, ops, reference
+from .._params import _check_rate, _fan_in, _is_dtensor, _seed_tensor
+from .._registry import check_name
 
 __all__ = ["TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout", "targeted_dropout_modules",
            "prunable_layers", "register_layer", "layer_type", "unit_view", "LayerType", "get_rng_state",
@@ -347,7 +347,7 @@ class TargetedDropout(nn.Module):
 
         Costs one read of W (the row norms), a selection over U norms and U random words; no
         masked copy of W."""
-        s = int(self._next_seed() if seed is None else api._seed_tensor(seed))
+        s = int(self._next_seed() if seed is None else _seed_tensor(seed))
         w = w.movedim(self.unit_dim, 0) if self.unit_dim else w
         w2d = w.detach().reshape(w.shape[0], -1)
         U = w2d.shape[0]

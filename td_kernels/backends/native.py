@@ -17,12 +17,12 @@ import importlib.util
 
 import torch
 
-from ._registry import Backend, device_present, register
-from .reference import bits_words, check_nm, check_window
+from .._registry import Backend, device_present, register
+from ..reference import bits_words, check_nm, check_window
 
-if importlib.util.find_spec(__package__ + "._C") is None:  # say "not built", not "circular import"
+if importlib.util.find_spec("td_kernels._C") is None:  # say "not built", not "circular import"
     raise ImportError("td_kernels._C is not built")
-from . import _C  # noqa: E402  (loading it registers the td_kernels_native ops)
+from .. import _C  # noqa: E402  (loading it registers the td_kernels_native ops)
 
 __all__ = ["weight_dropout", "weight_dropout_backward", "nm_dropout", "nm_dropout_backward", "unit_dropout",
            "unit_dropout_backward", "WITH_CUDA", "BUILD_INFO"]

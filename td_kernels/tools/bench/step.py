@@ -1,11 +1,11 @@
 """The training-step benchmark: ``td-kernels bench --step``.
 
-Op benchmarks (``td_kernels.benchmark``) time one op on one weight; a user pays for whole
+Op benchmarks (``td_kernels.tools.bench.ops``) time one op on one weight; a user pays for whole
 training steps. This times forward + backward + optimizer step of real models under each
 regulariser, and prints each one's cost over the unregularised step:
 
 models    ``mlp-b32`` / ``mlp-b256``: an MLP 1024-4096-4096-1024-10 at batch 32 / 256;
-          ``cnn``: the demo's CNN (td_kernels.demo) on 8x8 images, batch 64;
+          ``cnn``: the demo's CNN (td_kernels.tools.demo) on 8x8 images, batch 64;
           ``llama-block``: one Llama-style decoder block built from code (RMSNorm, attention with
           4 nn.Linear projections and SDPA, a SwiGLU MLP of 3 nn.Linear), hidden 1024 and 256
           tokens on a CPU, hidden 4096 and 8192 tokens on a GPU.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import td_kernels as td
-from td_kernels import benchmark as tb
+from . import common as bench
 
 __all__ = ["MODELS", "VARIANTS", "build", "run", "main"]
 
@@ -61,7 +61,7 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """td_kernels.demo's CNN, with dropout on the hidden activations when p > 0."""
+    """td_kernels.tools.demo's CNN, with dropout on the hidden activations when p > 0."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -141,7 +141,7 @@ def build(name: str, variant: str, device, dtype=torch.float32, gpu_sizes: bool 
 
 
 def _composite_forward(layer, x):
-    w = tb._kthvalue_weight(layer.weight, P, P)
+    w = bench._kthvalue_weight(layer.weight, P, P)
     if isinstance(layer, nn.Linear):
         return F.linear(x, w, layer.bias)
     return layer._conv_forward(x, w, layer.bias)
@@ -183,8 +183,8 @@ def run(args) -> list:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    common = dict(device_name=tb.device_name(device), device_type=device.type, threads=torch.get_num_threads(),
-                  torch=torch.__version__, git_commit=tb.git_commit())
+    common = dict(device_name=bench.device_name(device), device_type=device.type, threads=torch.get_num_threads(),
+                  torch=torch.__version__, git_commit=bench.git_commit())
     print(f"# training steps on {common['device_name']} ({device}), torch {common['torch']}, "
           f"{common['threads']} threads, commit {common['git_commit']}")
     rounds = args.rounds or (1 if device.type == "cuda" else 3)
@@ -192,21 +192,21 @@ def run(args) -> list:
     for name in args.models:
         times, params = {v: [] for v in args.variants}, {}
         # one model alive at a time, rebuilt per round (the same seeded model each time)
-        for _, variant in tb.interleaved(list(args.variants), rounds):
+        for _, variant in bench.interleaved(list(args.variants), rounds):
             with warnings.catch_warnings():  # N:M skips layers whose fan-in 4 does not divide: expected
                 warnings.simplefilter("ignore")
                 case = build(name, variant, device, gpu_sizes=device.type == "cuda")
             params[variant] = sum(p.numel() for p in case.model.parameters())
             fn = step_fn(case)
             fn()  # warm-up: allocations, optimizer state
-            times[variant].append(tb.time_fn(fn, device, args))
+            times[variant].append(bench.time_fn(fn, device, args))
             del case, fn
         for variant in args.variants:
             t = times[variant]
-            ratio = tb.median([a.ms / b.ms for a, b in zip(t, times["none"])])
-            ms = tb.median([x.ms for x in t])
-            rows.append(dict(common, model=name, variant=variant, ms=ms, ms_p20=tb.median([x.p20 for x in t]),
-                             ms_p80=tb.median([x.p80 for x in t]), overhead=ratio, rounds=rounds,
+            ratio = bench.median([a.ms / b.ms for a, b in zip(t, times["none"])])
+            ms = bench.median([x.ms for x in t])
+            rows.append(dict(common, model=name, variant=variant, ms=ms, ms_p20=bench.median([x.p20 for x in t]),
+                             ms_p80=bench.median([x.p80 for x in t]), overhead=ratio, rounds=rounds,
                              params=params[variant]))
             print(f"# {name:12s} {variant:20s} {ms:9.2f} ms  {ratio:5.2f}x", file=sys.stderr, flush=True)
     return rows
@@ -216,7 +216,7 @@ def format_table(rows) -> str:
     head = ("model", "variant", "ms/step", "p20-p80", "x none")
     lines = [(r["model"], r["variant"], f"{r['ms']:.2f}", f"{r['ms_p20']:.2f}-{r['ms_p80']:.2f}",
               "" if r["overhead"] is None else f"{r['overhead']:.2f}x") for r in rows]
-    return tb.text_table(head, lines, left=2)
+    return bench.text_table(head, lines, left=2)
 
 
 def plot(rows, path: Path) -> Path:
@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--step", action="store_true", help="(the flag that selects this benchmark)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--models", type=tb._csv_list(MODELS), default=list(MODELS))
-    p.add_argument("--variants", type=tb._csv_list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--models", type=bench._csv_list(MODELS), default=list(MODELS))
+    p.add_argument("--variants", type=bench._csv_list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds per model; ratios are medians of per-round ratios (default 3 on CPU, 1 on CUDA)")
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     rows = run(args)
     print(format_table(rows))
     if args.out and rows:
-        tb.write_csv(rows, args.out / "step.csv", COLUMNS)
+        bench.write_csv(rows, args.out / "step.csv", COLUMNS)
         print(f"# wrote {args.out / 'step.csv'}, {plot(rows, args.out / 'step.png')}")
     return 0
 

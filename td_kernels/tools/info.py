@@ -40,7 +40,7 @@ def _devices() -> list:
 
 def _native_build() -> str:
     try:
-        from . import _C
+        from .. import _C
     except Exception as e:  # not built, or built against another torch
         return f"not loaded ({type(e).__name__}: {e})"
     info = getattr(_C, "BUILD_INFO", None)
@@ -55,7 +55,7 @@ _HOW = {("native", "cuda"): " (a CPU-only build: with a CUDA build of torch and 
 
 
 def _backends(device_types) -> list:
-    from . import _registry
+    from .. import _registry
 
     rows = []
     for name in _registry.known_backends():
@@ -75,7 +75,7 @@ def _backends(device_types) -> list:
 def collect() -> dict:
     """Everything ``td-kernels info`` prints, as a dict."""
     import td_kernels as td
-    from ._registry import available_backends
+    from .._registry import available_backends
 
     device_types = ["cpu", "cuda"] + (["mps"] if "mps" in _devices() else [])
     auto = {}

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .nn import apply_targeted_dropout, prunable_layers, remove_targeted_dropout
-from .pruning import prune_model
-from .schedules import RampSchedule
+from ..training.nn import apply_targeted_dropout, prunable_layers, remove_targeted_dropout
+from ..training.pruning import prune_model
+from ..training.schedules import RampSchedule
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "MODELS", "PRUNE_RATES", "MethodConfig", "DemoResult", "run_demo", "check_args",
            "make_model", "load_data", "train", "evaluate_pruning", "format_table", "format_nm_table"]
@@ -281,7 +281,7 @@ def _plot(result: DemoResult, path: str, models, methods) -> None:
 
 def check_args(*, epochs, device, backend, methods, models, threads, seeds=1):
     """ValueError naming the bad argument; returns (device, threads) with defaults filled in."""
-    from ._registry import resolve
+    from .._registry import resolve
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import check_window
+from ...reference import check_window
 from ._common import (KEY_MAX, _cols, _key, _store_bits, aligned, _tile_dropped, bits_backward, check_count,
                       check_drop_threshold, check_limit, check_grad, check_seed, check_w2d, device_guard,
                       launch_chunks, new_bits, num_warps)

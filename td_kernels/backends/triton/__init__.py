@@ -8,9 +8,9 @@ from __future__ import annotations
 import triton  # noqa: F401  (ImportError here means "no Triton backend")
 import torch
 
-from .._registry import Backend, register
+from ..._registry import Backend, register
 from ._common import INTERPRETED
-# The launchers stay in their modules (td_kernels.triton.weight_dropout.weight_dropout, ...):
+# The launchers stay in their modules (td_kernels.backends.triton.weight_dropout.weight_dropout, ...):
 # re-exporting them here would shadow the submodules of the same name.
 from . import nm_dropout as _nm, unit_dropout as _unit, weight_dropout as _weight
 

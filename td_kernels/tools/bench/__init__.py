@@ -1,0 +1,3 @@
+"""Benchmarks: ``ops`` (one op on one weight, ``td-kernels bench``), ``step`` (whole training
+steps, ``td-kernels bench --step``), ``inference`` (pruned and shrunk models); ``common`` holds
+what they share."""
