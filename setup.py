@@ -12,8 +12,13 @@ Environment:
   (unset)                    try it; a compile error prints a warning and the install goes on
                              without it (td_kernels imports, backend "native" reports why not)
   TD_KERNELS_BUILD_CUDA=0    build the CPU kernels only, even where CUDA could be built
+  CUDA_HOME                  the CUDA toolkit; unset, the toolkit of the `nvcc` on PATH (asked
+                             with `nvcc --dryrun`, which also sees through wrapper scripts)
   MAX_JOBS                   parallel compile jobs (torch's ninja build)
+What was decided and why is written to td_kernels/_build.json (BUILD_RECORD below): `td-kernels
+info` and backend "native" read it to say why the CUDA kernels are missing.
 """
+import json
 import os
 import sys
 
@@ -27,6 +32,49 @@ if BUILD_EXT not in ("0", "1", "auto", ""):
 
 CUDA_SMS = (80, 90)  # SASS for these architectures
 CUDA_PTX = 90        # plus PTX of this one
+BUILD_RECORD = os.path.join("td_kernels", "_build.json")
+
+
+def _sms_macro(sms):
+    """The architectures as one integer, three decimal digits each (80, 90 -> 80090): a -D value
+    must hold no comma (nvcc splits -D values at commas) and no space or quote (the build's
+    shell), and csrc/td_ops.cpp takes this one apart again for _C.BUILD_INFO."""
+    assert all(10 <= sm < 1000 for sm in sms), sms
+    return str(int("".join(f"{sm:03d}" for sm in sms)))
+
+
+def write_build_record(record, build_lib=None):
+    """td_kernels/_build.json: what this build made of the extension and why (see the module
+    docstring), next to the sources (editable installs, in-place builds) and in build_lib (wheels)."""
+    for root in (HERE, build_lib):
+        if root and os.path.isdir(os.path.join(root, "td_kernels")):
+            with open(os.path.join(root, BUILD_RECORD), "w") as f:
+                json.dump(record, f, indent=1)
+                f.write("\n")
+
+
+def _cuda_home():
+    """CUDA_HOME or CUDA_PATH if set, else the toolkit of the `nvcc` on PATH, else None.
+
+    torch guesses the toolkit as the folder above `nvcc`'s, which is wrong when `nvcc` is a
+    wrapper script (/usr/local/bin/nvcc -> /usr/local); `nvcc --dryrun` prints the real one as
+    its TOP variable."""
+    import re
+    import shutil
+    import subprocess
+
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True, timeout=60)
+        m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+    except (OSError, subprocess.SubprocessError):
+        m = None
+    return os.path.realpath(m.group(1).strip()) if m else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
 def _nvcc_version(nvcc):
@@ -44,11 +92,25 @@ def _nvcc_version(nvcc):
 
 def _extension_and_cmdclass():
     import torch
+
+    cuda_home = _cuda_home() if torch.version.cuda is not None else None
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # torch reads it when cpp_extension is imported
     from torch.utils import cpp_extension as ce
 
     nvcc = os.path.join(ce.CUDA_HOME, "bin", "nvcc") if ce.CUDA_HOME else None
-    with_cuda = (torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
-                 and os.environ.get("TD_KERNELS_BUILD_CUDA", "1") != "0")
+    if torch.version.cuda is None:
+        why_no_cuda = f"torch {torch.__version__} is a CPU-only build"
+    elif nvcc is None or not os.path.exists(nvcc):
+        why_no_cuda = (f"no nvcc at build time (CUDA_HOME={ce.CUDA_HOME or 'unset'}, none on PATH); "
+                       f"torch {torch.__version__} wants CUDA {torch.version.cuda}")
+    elif os.environ.get("TD_KERNELS_BUILD_CUDA", "1") == "0":
+        why_no_cuda = "TD_KERNELS_BUILD_CUDA=0 at build time"
+    else:
+        why_no_cuda = None
+    with_cuda = why_no_cuda is None
+    record = {"extension": "building", "cuda": "building" if with_cuda else "not built",
+              "why": why_no_cuda, "torch": torch.__version__, "cuda_home": ce.CUDA_HOME}
     sources = ["csrc/td_ops.cpp", "csrc/cpu/td_cpu.cpp"]
     # -O3 for the loops; -fno-trapping-math -fno-math-errno as torch's own CPU build, so that
     # loops with float conversions and sqrt vectorize; -fopenmp because at::parallel_for
@@ -67,7 +129,8 @@ def _extension_and_cmdclass():
         major, minor = _nvcc_version(nvcc)
         # _C.BUILD_INFO is composed from these numbers in csrc/td_ops.cpp (macro values with
         # spaces or quotes would not survive the build's shell)
-        macros = [("TD_WITH_CUDA", None), ("TD_CUDA_SMS", ",".join(map(str, CUDA_SMS))),
+        record["nvcc"] = f"{nvcc} ({major}.{minor})"
+        macros = [("TD_WITH_CUDA", None), ("TD_CUDA_SMS", _sms_macro(CUDA_SMS)),
                   ("TD_CUDA_PTX", str(CUDA_PTX)), ("TD_NVCC_MAJOR", str(major)), ("TD_NVCC_MINOR", str(minor))]
         ext = ce.CUDAExtension("td_kernels._C", sources, define_macros=macros,
                                extra_compile_args={"cxx": cxx, "nvcc": nv}, **kwargs)
@@ -88,17 +151,29 @@ def _extension_and_cmdclass():
             try:
                 super().build_extension(ext)
             except Exception as e:  # compiler missing, compile error, ...
+                record.update(extension="failed", error=f"{type(e).__name__}: {e}"[:2000])
+                if with_cuda:
+                    record.update(cuda="failed", why="the build failed (reinstall with TD_KERNELS_BUILD_EXT=1 "
+                                                     "to see the error)")
+                write_build_record(record, self.build_lib)
                 if BUILD_EXT == "1":
                     raise
                 self._td_failed.append(ext.name)
                 self.warn(f"td_kernels: building the native extension failed ({e}); installing "
                           "without it. Backend 'native' will be unavailable. Set "
                           "TD_KERNELS_BUILD_EXT=1 to make this an error.")
+                return
+            record.update(extension="built", cuda="built" if with_cuda else "not built")
+            write_build_record(record, self.build_lib)
 
     return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=False)}
 
 
-ext_modules, cmdclass = ([], {}) if BUILD_EXT == "0" else _extension_and_cmdclass()
+if BUILD_EXT == "0":
+    ext_modules, cmdclass = [], {}
+    write_build_record({"extension": "not built", "cuda": "not built", "why": "TD_KERNELS_BUILD_EXT=0 at build time"})
+else:
+    ext_modules, cmdclass = _extension_and_cmdclass()
 
 setup(
     name="td_kernels",

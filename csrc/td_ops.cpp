@@ -14,8 +14,9 @@
 
 namespace {
 // _C.BUILD_INFO: what this build holds, for `td-kernels info`. setup.py passes the CUDA part as
-// numbers (TD_CUDA_SMS=80,90 TD_CUDA_PTX=90 TD_NVCC_MAJOR=13 TD_NVCC_MINOR=0): macro values
-// with spaces or quotes do not survive the build's shell.
+// plain integers (TD_CUDA_SMS=80090 TD_CUDA_PTX=90 TD_NVCC_MAJOR=13 TD_NVCC_MINOR=0): macro
+// values with spaces or quotes do not survive the build's shell, and nvcc splits a -D value at
+// its commas (TD_CUDA_SMS=80,90 would define a macro named 90).
 std::string build_info() {
   std::string s = "cpu: ";
 #if defined(__x86_64__)
@@ -38,9 +39,10 @@ std::string build_info() {
   s += ", portable loops";
 #endif
 #ifdef TD_WITH_CUDA
-  s += "; cuda:";
-  const int sms[] = {TD_CUDA_SMS};
-  for (size_t i = 0; i < sizeof(sms) / sizeof(sms[0]); ++i) s += (i ? ", sm_" : " sm_") + std::to_string(sms[i]);
+  // TD_CUDA_SMS holds the architectures three decimal digits each (80090: sm_80, sm_90)
+  std::string sms;
+  for (long long v = TD_CUDA_SMS; v > 0; v /= 1000) sms = ", sm_" + std::to_string(v % 1000) + sms;
+  s += "; cuda: " + sms.substr(2);
   s += " (+compute_" + std::to_string(TD_CUDA_PTX) + " PTX), nvcc " + std::to_string(TD_NVCC_MAJOR) + "." +
        std::to_string(TD_NVCC_MINOR);
 #else

@@ -88,7 +88,7 @@ def test_cuda_binding_compiles(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     # _C.BUILD_INFO's CUDA part, with the macros setup.py passes to a CUDA build
-    macros = ["-DTD_CUDA_SMS=80,90", "-DTD_CUDA_PTX=90", "-DTD_NVCC_MAJOR=13", "-DTD_NVCC_MINOR=0"]
+    macros = ["-DTD_CUDA_SMS=80090", "-DTD_CUDA_PTX=90", "-DTD_NVCC_MAJOR=13", "-DTD_NVCC_MINOR=0"]
     res = subprocess.run(cmd + macros + [os.path.join(CSRC, "td_ops.cpp")], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]

@@ -47,6 +47,9 @@ def main(argv=None) -> int:
                                       "sees, every backend with whether it runs here (and why not), the native "
                                       "extension's build and the thread counts.")
     info.add_argument("--json", action="store_true", help="print it as JSON")
+    info.add_argument("--require-native-cuda", action="store_true",
+                      help="check only that the native CUDA kernels are built and complete (sm_80, sm_90, every "
+                           "op registered for CUDA); say what is missing and exit 1 if anything is")
     sub.add_parser("bench", help="benchmark the backends (arguments go to td_kernels.tools.bench.ops)", add_help=False)
     if argv[:1] == ["bench"]:
         # hand every remaining argument to the benchmark's own parser
@@ -58,8 +61,17 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     if args.command == "info":
-        from .info import collect, format_info
+        from .info import collect, format_info, native_cuda_problems
 
+        if args.require_native_cuda:
+            problems = native_cuda_problems()
+            for p in problems:
+                print(f"td-kernels info: native CUDA kernels: {p}", file=sys.stderr)
+            if not problems:
+                from ..backends import native
+
+                print(f"native CUDA kernels: complete ({native.BUILD_INFO})")
+            return 1 if problems else 0
         if args.json:
             import json
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-__all__ = ["collect", "format_info"]
+__all__ = ["collect", "format_info", "build_record", "why_no_native_cuda", "native_cuda_problems"]
 
 # environment variables that change what td_kernels or its backends do
 ENV_VARS = ("TRITON_INTERPRET", "TD_KERNELS_BUILD_EXT", "TD_KERNELS_BUILD_CUDA", "CUDA_VISIBLE_DEVICES",
@@ -38,6 +38,64 @@ def _devices() -> list:
     return out
 
 
+def build_record() -> dict | None:
+    """td_kernels/_build.json, which setup.py writes: what it made of the extension and why
+    (``extension`` and ``cuda``: "built", "not built" or "failed"; ``why``; ``error``; the torch
+    and nvcc it used). None where there is none (a copied extension, or an older setup.py)."""
+    import json
+
+    import td_kernels
+
+    try:
+        with open(os.path.join(os.path.dirname(td_kernels.__file__), "_build.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def why_no_native_cuda() -> str | None:
+    """Why backend "native" has no CUDA kernels in this install (None: it has them), as setup.py
+    recorded it: a CPU-only torch or no nvcc at build time, TD_KERNELS_BUILD_CUDA=0, a failed
+    build; or an extension that does not load."""
+    try:
+        from ..backends import native
+        load_error = None
+    except Exception as e:  # not built, or built against another torch
+        native, load_error = None, f"td_kernels._C did not load ({e})"
+    if native is not None and native.WITH_CUDA:
+        return None
+    record = build_record()
+    if record is None:
+        why = "no build record (td_kernels/_build.json): build it with `pip install --no-build-isolation -e .`"
+    elif record.get("cuda") == "built":  # the record and the loaded library disagree
+        why = "setup.py built CUDA kernels, but the extension loaded has none (a stale td_kernels/_C*.so?)"
+    else:
+        why = record.get("why") or f"the extension was {record.get('extension')}"
+        if record.get("extension") == "failed" and record.get("error"):
+            why += f"; its error: {record['error'].splitlines()[0][:300]}"
+    return why if load_error is None else f"{load_error}; {why}"
+
+
+def native_cuda_problems() -> list:
+    """What keeps this install's native CUDA kernels from being complete (empty: nothing).
+    ``td-kernels info --require-native-cuda`` prints these and fails; CI and bench/gpu.sh run it.
+    Complete: native.WITH_CUDA, BUILD_INFO naming sm_80 and sm_90 (setup.py's architectures),
+    and every ``td_kernels_native`` op registered for the CUDA dispatch key."""
+    why = why_no_native_cuda()
+    if why is not None:
+        return [f"no CUDA kernels: {why}"]
+    from ..backends import native
+
+    problems = [f"BUILD_INFO names no sm_{sm}: {native.BUILD_INFO}" for sm in (80, 90)
+                if f"sm_{sm}" not in native.BUILD_INFO]
+    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("td_kernels_native::"))
+    if not ops:
+        problems.append("no td_kernels_native ops are registered")
+    problems += [f"{op} has no CUDA kernel" for op in ops
+                 if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")]
+    return problems
+
+
 def _native_build() -> str:
     try:
         from .. import _C
@@ -49,9 +107,7 @@ def _native_build() -> str:
     return f"CPU kernels{' + CUDA kernels' if getattr(_C, 'WITH_CUDA', False) else ''} (WITH_CUDA={bool(_C.WITH_CUDA)})"
 
 
-_HOW = {("native", "cuda"): " (a CPU-only build: with a CUDA build of torch and nvcc on PATH or CUDA_HOME, "
-                             "`pip install --no-build-isolation -e .` compiles the CUDA kernels)",
-        ("triton", "cuda"): " (Triton needs a CUDA build of torch and a GPU)"}
+_HOW = {("triton", "cuda"): " (Triton needs a CUDA build of torch and a GPU)"}
 
 
 def _backends(device_types) -> list:
@@ -67,7 +123,11 @@ def _backends(device_types) -> list:
         status = {}
         for d in device_types:
             why = b.why_not(d)
-            status[d] = "available" if why is None else f"no: {why}{_HOW.get((name, d), '')}"
+            how = _HOW.get((name, d), "")
+            if (name, d) == ("native", "cuda") and why_no_native_cuda() is not None:
+                how = (f" (no CUDA kernels: {why_no_native_cuda()}; with a CUDA build of torch and nvcc on PATH or "
+                       "CUDA_HOME, `pip install --no-build-isolation -e .` compiles them)")
+            status[d] = "available" if why is None else f"no: {why}{how}"
         rows.append((name, status))
     return rows
 
@@ -94,6 +154,7 @@ def collect() -> dict:
         "CUDA available": f"{torch.cuda.is_available()} ({torch.cuda.device_count()} device(s))",
         "devices": _devices(),
         "native extension": _native_build(),
+        "native CUDA kernels": why_no_native_cuda() or "built",
         "backends": _backends(device_types),
         "backend='auto' picks": auto,
         "threads": f"torch intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}, "
