@@ -157,12 +157,22 @@ def _float16_abs_bits_as_float32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(exp == 0, subnormal, torch.where(exp == 31, inf_nan, normal))
 
 
+def _float64_nan_keys(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """float64 NaNs' keys spelled out as x86 and ARM convert a NaN to float32: quiet bit set, the
+    top 23 payload bits kept (csrc/td_core.h key_f64 does the same). torch's CUDA conversion
+    returns the canonical NaN instead, so the reference must not rely on ``.to`` for NaNs: then
+    it gives the same keys on every device."""
+    payload = (x.view(torch.int64) >> 29) & 0x7FFFFF  # float64's 52-bit payload, top 23 bits
+    return torch.where(keys > 0x7F800000, 0x7FC00000 | payload, keys)
+
+
 def rank_keys(x: torch.Tensor) -> torch.Tensor:
     """``key(x)``: the bit pattern of |float32(x)| as an int64 in [0, 2**31)."""
     if x.dtype == torch.float16:
         return _float16_abs_bits_as_float32(x)
     bits = x.to(torch.float32).view(torch.int32).to(torch.int64)  # bfloat16: an exact 16-bit shift
-    return bits & KEY_MAX  # clearing the sign bit is |x| for every float, NaN included
+    keys = bits & KEY_MAX  # clearing the sign bit is |x| for every float, NaN included
+    return _float64_nan_keys(x, keys) if x.dtype == torch.float64 else keys
 
 
 def count(rate, n: int):

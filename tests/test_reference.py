@@ -76,6 +76,18 @@ def test_rank_keys_order():
         assert R.rank_keys(x.to(dtype)).tolist() == R.rank_keys(x.to(dtype).float()).tolist()
 
 
+def test_float64_nan_keys_keep_the_payload_on_every_device():
+    """A float64 NaN's key: quiet bit set, top 23 payload bits kept (csrc/td_core.h key_f64),
+    whatever the device's conversion to float32 does with it (CUDA's returns the canonical NaN)."""
+    bits = torch.tensor([0x7FF0000020000001, 0x7FF8000000000001, -0x0008000000012345, 0x7FFFFFFFFFFFFFFF,
+                         0x7FF0000000000000, 0x3FF0000000000000])  # 2 sNaNs, qNaN, -qNaN, full payload, inf, 1.0
+    x = bits.view(torch.float64)
+    expected = [0x7FC00001, 0x7FC00000, 0x7FFFFFFF, 0x7FFFFFFF, 0x7F800000, 0x3F800000]
+    assert R.rank_keys(x).tolist() == expected
+    cuda_like = torch.where(x.isnan(), 0x7FC00000, R.rank_keys(x))  # the canonical NaN's key
+    assert R._float64_nan_keys(x, cuda_like).tolist() == expected
+
+
 def test_float16_keys_every_pattern_position_independent():
     pats = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     x = pats.view(torch.float16)
