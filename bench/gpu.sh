@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
-# One-shot GPU check: build the extension with CUDA, run the test suite on the GPU, benchmark ops
-# and training steps, and leave at most 8 files (no subfolder) in a results dir named after the card:
-#   $OUT if set, else bench/results/<card>/:
-#   gpu.log  tests.xml  bench.csv  bench_weight.png  bench_unit.png  bench_nm.png  step.csv  step.png
-# Needs: a CUDA GPU, torch (CUDA build, >= 2.11), triton (>= 3.6), pytest, hypothesis, matplotlib,
-# pytest-benchmark, setuptools, ninja; no network. Nothing of ours needs to be built first.
-# Budget: the step limits add up to 8 min 10 s; a failed step is logged and the next one still runs.
-#
-#   bash bench/gpu.sh                         # the whole thing on the GPU
-#   bash bench/gpu.sh --device cpu --no-build --quick   # dry run of the Python parts on CPU
-#   bash bench/gpu.sh -- --shapes 4096x4096   # anything after -- goes to td_kernels.tools.bench.ops
+# GPU check in stages, sized for a 15-minute GPU lease, reruns included (bench/README.md's budget):
+#   bash bench/gpu.sh --smoke     # <= 2 min: build, import, a bit-exact fwd/bwd check of every
+#                                 #   kernel family per backend, one timing line per backend
+#   bash bench/gpu.sh             # <= 7 min: the smoke, then the GPU tests, the op benchmark
+#                                 #   and the training-step benchmark
+#   bash bench/gpu.sh --device cpu [--smoke]   # the same here, without a GPU: a CPU build, the
+#                                 #   native CPU kernels and the Triton interpreter, small shapes
+#   --stages tests,ops,steps      # the full run's stages to run (after the smoke); --no-build
+#   -- ARGS                       # more arguments for the op benchmark (td-kernels bench)
+# Each stage logs its start, end and seconds, runs under `timeout -s INT` (pytest and the
+# benchmarks stop cleanly on SIGINT and keep what they wrote) and writes its results as it goes
+# into $OUT, else bench/results/<card>/: gpu.log smoke.csv tests.xml bench.csv step.csv and plots.
+# A failed build, or a build without complete native CUDA kernels, stops the run at once.
+# Needs: torch (CUDA build), triton, pytest, hypothesis, matplotlib, ninja, setuptools, nvcc;
+# nothing from the network (PIP_NO_INDEX=1).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PYTHON:-$(command -v python || command -v python3)}
-device=cuda build=1 tests=1 quick=0 extra=()
+device=cuda build=1 smoke_only=0 stages=tests,ops,steps extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) device=$2; shift 2 ;;
+    --smoke) smoke_only=1; shift ;;
+    --stages) stages=$2; shift 2 ;;
     --no-build) build=0; shift ;;
-    --no-tests) tests=0; shift ;;
-    --quick) quick=1; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+[[ $device == cuda || $device == cpu ]] || { echo "gpu.sh: --device must be cuda or cpu" >&2; exit 2; }
+export PIP_NO_INDEX=1 HYPOTHESIS_PROFILE=ci PYTHONUNBUFFERED=1
 
 # the card's name, from torch alone (our package may not be built yet)
 card=$("$PY" - "$device" <<'PYEOF'
@@ -41,55 +47,71 @@ PYEOF
 ) || exit 2
 results=${OUT:-bench/results/$card}
 mkdir -p "$results"
-exec > >(tee "$results/gpu.log") 2>&1
-echo "# results: $results   started $(date -u +%FT%TZ)"
+exec > >(tee -a "$results/gpu.log") 2>&1
+echo "# gpu.sh $device $([[ $smoke_only == 1 ]] && echo --smoke): results in $results, started $(date -u +%FT%TZ)"
 
 failed=()
-step() {  # step NAME TIMEOUT_S CMD...: run, time, record a failure, carry on
+stage() {  # stage NAME LIMIT_S CMD...: run under timeout -s INT, log and time it, record a failure
   local name=$1 limit=$2; shift 2
-  echo; echo "## $name (limit ${limit}s): $*"
+  echo; echo "== [$(date -u +%T)] $name (limit ${limit} s): $*"
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@"
+  timeout -s INT -k 5 "$limit" "$@"
   local rc=$?
-  echo "## $name: exit $rc after $((SECONDS - t0))s"
-  [[ $rc -eq 0 ]] || failed+=("$name (exit $rc)")
+  echo "== [$(date -u +%T)] $name: $([[ $rc == 0 ]] && echo ok || echo "FAILED (exit $rc$([[ $rc == 124 ]] && echo ': time limit'))") after $((SECONDS - t0)) s"
+  [[ $rc == 0 ]] || failed+=("$name (exit $rc)")
+  return $rc
+}
+finish() {
+  echo; echo "# finished $(date -u +%FT%TZ) after ${SECONDS} s; results in $results:"; ls -l "$results"
+  if [[ ${#failed[@]} -gt 0 ]]; then echo "# FAILED: ${failed[*]}"; exit 1; fi
+  echo "# all stages passed"; exit 0
 }
 
-if [[ $device == cuda ]]; then nvidia-smi || true; fi
-"$PY" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
-"$PY" -c 'import triton; print("triton", triton.__version__)' || echo "triton: not importable"
+if [[ $device == cuda ]]; then nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true
+else export TRITON_INTERPRET=1; fi  # on a CPU the Triton kernels run under the interpreter
+[[ $device == cuda ]] && unset TRITON_INTERPRET  # on the GPU they must run compiled
+"$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda",
+  torch.version.cuda, "triton", triton.__version__)'
 git log -1 --format='commit %h %s' 2>/dev/null || true
 
-unset TRITON_INTERPRET  # the Triton kernels must run compiled on the GPU, not interpreted
+# ---- smoke: build, import, check, one timing line per backend (<= 2 min) ----------------------
 if [[ $build == 1 ]]; then
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  step build 110 "$PY" -m pip install --no-build-isolation --no-deps -e .
+  stage build 90 env TD_KERNELS_BUILD_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
+    echo "gpu.sh: the native extension did not build (log above): stopping"; finish; }
 fi
-"$PY" -c "import td_kernels as td; print('backends on $device:', td.available_backends('$device'))"
-
-if [[ $tests == 1 ]]; then
-  # CPU-only checks that CI already runs are left out: the sm_80/sm_90 compiles without a GPU
-  # (test_triton_aot, the nvcc spill checks) and the 2-process gloo tests
-  step tests 150 "$PY" -m pytest -q -m "not slow" -p no:cacheprovider --junitxml="$results/tests.xml" tests \
-    --ignore=tests/test_triton_aot.py --ignore=tests/test_distributed.py --ignore=tests/test_data_parallel.py \
-    --deselect=tests/test_native_core.py::test_cuda_kernels_compile_without_spills
+if [[ $device == cuda ]]; then
+  "$PY" -m td_kernels info --require-native-cuda || {
+    echo "gpu.sh: the native CUDA kernels are not there (above: why): stopping; rebuild with TD_KERNELS_BUILD_EXT=1"
+    failed+=("native CUDA kernels missing"); finish; }
+else
+  echo "gpu.sh: --device cpu: native CUDA not required; here it is: $("$PY" -m td_kernels info --json |
+    "$PY" -c 'import json, sys; print(json.load(sys.stdin)["native CUDA kernels"])')"
 fi
+stage smoke 45 "$PY" bench/smoke.py --device "$device" --out "$results"
+[[ $smoke_only == 1 ]] && finish
 
-# the issue's shapes: two Linear layers of a 7B model each way round, and few long rows; the
-# reference is a correctness yardstick, not timed here
-bench_args=(--device "$device" --out "$results" --rep-ms 40 --warmup-ms 10 --skip-reference)
-[[ $quick == 1 ]] && bench_args+=(--quick) || bench_args+=(--shapes 4096x4096,11008x4096,4096x11008,256x1000000)
-if [[ -f "$results/bench.csv" ]]; then  # an earlier run on this card: flag regressions
-  previous=$(mktemp)
-  cp "$results/bench.csv" "$previous"
-  bench_args+=(--compare "$previous")
+# ---- the full run (<= 7 min with the smoke) -----------------------------------------------------
+want() { [[ ",$stages," == *",$1,"* ]]; }
+if want tests; then
+  # the tests that run GPU code (tests/conftest.py --gpu-tests: test_triton, test_native, the
+  # cuda-marked ones) with their names in the log; what CI proves on a CPU is left out
+  stage tests 140 "$PY" -m pytest --gpu-tests -rA -q -m "not slow" -p no:cacheprovider \
+    --junitxml="$results/tests.xml" tests
 fi
-step benchmark 140 "$PY" -m td_kernels.tools.bench.ops "${bench_args[@]}" "${extra[@]}"
-step_args=(--step --device "$device" --out "$results" --rep-ms 100)
-[[ $quick == 1 ]] && step_args+=(--models cnn --min-time 0.05)
-step training-steps 60 "$PY" -m td_kernels.tools.bench.ops "${step_args[@]}"
-step pytest-benchmark 30 "$PY" -m pytest -q -p no:cacheprovider bench/ --benchmark-only --benchmark-max-time=0.2
-
-echo; echo "# finished $(date -u +%FT%TZ) after ${SECONDS}s; results in $results:"; ls -l "$results"
-if [[ ${#failed[@]} -gt 0 ]]; then echo "# FAILED: ${failed[*]}"; exit 1; fi
-echo "# all steps passed"
+if want ops; then
+  bench_args=(--device "$device" --out "$results" --rep-ms 40 --warmup-ms 10 --skip-reference)
+  if [[ $device == cuda ]]; then bench_args+=(--shapes 4096x4096,4096x11008,256x1000000)
+  else bench_args+=(--quick --min-time 0.05); fi
+  if [[ -f "$results/bench.csv" ]]; then  # an earlier run on this card: flag regressions
+    previous=$(mktemp); cp "$results/bench.csv" "$previous"; bench_args+=(--compare "$previous")
+  fi
+  stage ops 75 "$PY" -m td_kernels bench "${bench_args[@]}" "${extra[@]}"
+fi
+if want steps; then
+  step_args=(--step --device "$device" --out "$results" --rep-ms 100 --variants dropout,td-weight,td-unit,td-nm)
+  if [[ $device == cuda ]]; then step_args+=(--models mlp-b256,llama-block)
+  else step_args+=(--models cnn --min-time 0.05 --rounds 1); fi
+  stage steps 45 "$PY" -m td_kernels bench "${step_args[@]}"
+fi
+finish

@@ -196,6 +196,24 @@ def test_step_cli_writes_table_csv_and_plot(tmp_path, capsys):
         tb.main(["--step", "--rounds", "0"])
 
 
+def test_step_csv_is_written_after_each_model(tmp_path, monkeypatch):
+    """bench/gpu.sh stops a stage with SIGINT: the models finished before it stay in step.csv."""
+    from td_kernels.tools.bench import step as bs
+    build = bs.build
+
+    def build_or_stop(name, *args, **kwargs):
+        if name == "mlp-b32":
+            raise KeyboardInterrupt
+        return build(name, *args, **kwargs)
+
+    monkeypatch.setattr(bs, "build", build_or_stop)
+    with pytest.raises(KeyboardInterrupt):
+        tb.main(["--step", "--models", "cnn,mlp-b32", "--variants", "td-weight", "--min-time", "0.01",
+                 "--rounds", "1", "--slow-runs", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "step.csv", newline="") as f:
+        assert [(r["model"], r["variant"]) for r in csv.DictReader(f)] == [("cnn", "none"), ("cnn", "td-weight")]
+
+
 def test_step_ratios_are_per_round_medians(monkeypatch):
     """A machine that slows down mid-run: per-round ratios cancel what back-to-back timing cannot."""
     from td_kernels.tools.bench import step as bs

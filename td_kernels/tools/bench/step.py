@@ -179,7 +179,8 @@ def step_fn(case: Case) -> Callable:
     return step
 
 
-def run(args) -> list:
+def run(args, on_progress: Callable[[list], None] | None = None) -> list:
+    """Time every model and variant ``args`` selects; ``on_progress(rows)`` after each model."""
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,6 +210,8 @@ def run(args) -> list:
                              ms_p80=bench.median([x.p80 for x in t]), overhead=ratio, rounds=rounds,
                              params=params[variant]))
             print(f"# {name:12s} {variant:20s} {ms:9.2f} ms  {ratio:5.2f}x", file=sys.stderr, flush=True)
+        if on_progress is not None:
+            on_progress(rows)
     return rows
 
 
@@ -276,11 +279,12 @@ def main(argv=None) -> int:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if "none" not in args.variants:
         args.variants = ["none"] + list(args.variants)  # the baseline every ratio needs
-    rows = run(args)
+    csv_path = args.out / "step.csv" if args.out else None
+    # the CSV is rewritten after each model: a run cut short keeps the models it finished
+    rows = run(args, on_progress=(lambda rows: bench.write_csv(rows, csv_path, COLUMNS)) if csv_path else None)
     print(format_table(rows))
-    if args.out and rows:
-        bench.write_csv(rows, args.out / "step.csv", COLUMNS)
-        print(f"# wrote {args.out / 'step.csv'}, {plot(rows, args.out / 'step.png')}")
+    if csv_path and rows:
+        print(f"# wrote {csv_path}, {plot(rows, args.out / 'step.png')}")
     return 0
 
 
