@@ -5,12 +5,12 @@ JIT compile (a second or more each, which bench/gpu.sh's test stage pays). Here 
 runs under Triton's interpreter, and every launch's key is recorded as the JIT would form it:
 constexprs by value; tensors by dtype and 16-byte alignment; ints as i32/i64 and, unless the
 kernel lists them in do_not_specialize, whether they equal 1 or divide by 16; launch options
-(num_warps, ...). The distinct keys, per kernel and per test file, are printed at the end.
+(num_warps, ...). The distinct keys, per kernel and per test function (the keys it was first to
+launch), are printed at the end.
 
     python bench/count_triton_variants.py [pytest args]      # e.g. --gpu-tests tests/test_triton.py
 
-(Interpreter launches of the same key as an earlier one are cheap: the run takes about as long
-as the selection does under the interpreter.)
+It takes as long as the selection takes under the interpreter (test_triton.py: minutes).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 VARIANTS: dict = collections.defaultdict(set)   # kernel name -> keys
-BY_FILE: dict = collections.defaultdict(set)    # test file -> (kernel, key)
+BY_TEST: dict = collections.Counter()           # test function -> keys it was the first to launch
+SEEN: set = set()
 _current = ["?"]
 
 
@@ -61,14 +62,16 @@ _run = interpreter.InterpretedFunction.run
 def _counting_run(self, *args, grid, warmup, **kwargs):
     key = _key(self, args, kwargs)
     VARIANTS[self.fn.__name__].add(key)
-    BY_FILE[_current[0]].add((self.fn.__name__, key))
+    if (self.fn.__name__, key) not in SEEN:
+        SEEN.add((self.fn.__name__, key))
+        BY_TEST[_current[0]] += 1
     return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
 
 class _Plugin:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_call(self, item):
-        _current[0] = item.nodeid.split("::")[0]
+        _current[0] = item.nodeid.split("[")[0]
         yield
 
     def pytest_terminal_summary(self, terminalreporter):
@@ -77,8 +80,8 @@ class _Plugin:
         w(f"triton variants (distinct JIT keys): {total}")
         for name, keys in sorted(VARIANTS.items(), key=lambda kv: -len(kv[1])):
             w(f"  {name}: {len(keys)}")
-        for path, keys in sorted(BY_FILE.items()):
-            w(f"  from {path}: {len(keys)}")
+        for test, n in BY_TEST.most_common():
+            w(f"  first launched by {test}: {n}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ git log -1 --format='commit %h %s' 2>/dev/null || true
 # ---- smoke: build, import, check, one timing line per backend (<= 2 min) ----------------------
 if [[ $build == 1 ]]; then
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  stage build 90 env TD_KERNELS_BUILD_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
+  stage build 80 env TD_KERNELS_BUILD_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e . || {
     echo "gpu.sh: the native extension did not build (log above): stopping"; finish; }
 fi
 if [[ $device == cuda ]]; then
@@ -88,7 +88,7 @@ else
   echo "gpu.sh: --device cpu: native CUDA not required; here it is: $("$PY" -m td_kernels info --json |
     "$PY" -c 'import json, sys; print(json.load(sys.stdin)["native CUDA kernels"])')"
 fi
-stage smoke 45 "$PY" bench/smoke.py --device "$device" --out "$results"
+stage smoke 35 "$PY" bench/smoke.py --device "$device" --out "$results"
 [[ $smoke_only == 1 ]] && finish
 
 # ---- the full run (<= 7 min with the smoke) -----------------------------------------------------
@@ -96,7 +96,7 @@ want() { [[ ",$stages," == *",$1,"* ]]; }
 if want tests; then
   # the tests that run GPU code (tests/conftest.py --gpu-tests: test_triton, test_native, the
   # cuda-marked ones) with their names in the log; what CI proves on a CPU is left out
-  stage tests 140 "$PY" -m pytest --gpu-tests -rA -q -m "not slow" -p no:cacheprovider \
+  stage tests 150 "$PY" -m pytest --gpu-tests -rA -q -m "not slow" -p no:cacheprovider \
     --junitxml="$results/tests.xml" tests
 fi
 if want ops; then
@@ -106,12 +106,12 @@ if want ops; then
   if [[ -f "$results/bench.csv" ]]; then  # an earlier run on this card: flag regressions
     previous=$(mktemp); cp "$results/bench.csv" "$previous"; bench_args+=(--compare "$previous")
   fi
-  stage ops 75 "$PY" -m td_kernels bench "${bench_args[@]}" "${extra[@]}"
+  stage ops 80 "$PY" -m td_kernels bench "${bench_args[@]}" "${extra[@]}"
 fi
 if want steps; then
   step_args=(--step --device "$device" --out "$results" --rep-ms 100 --variants dropout,td-weight,td-unit,td-nm)
   if [[ $device == cuda ]]; then step_args+=(--models mlp-b256,llama-block)
   else step_args+=(--models cnn --min-time 0.05 --rounds 1); fi
-  stage steps 45 "$PY" -m td_kernels bench "${step_args[@]}"
+  stage steps 50 "$PY" -m td_kernels bench "${step_args[@]}"
 fi
 finish

@@ -112,4 +112,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # gpu.sh's time limit (SIGINT): the lines so far are in smoke.csv
+        print("smoke: stopped by SIGINT (the stage's time limit?)", flush=True)
+        sys.exit(130)
