@@ -5,8 +5,8 @@ JIT compile (a second or more each, which bench/gpu.sh's test stage pays). Here 
 runs under Triton's interpreter, and every launch's key is recorded as the JIT would form it:
 constexprs by value; tensors by dtype and 16-byte alignment; ints as i32/i64 and, unless the
 kernel lists them in do_not_specialize, whether they equal 1 or divide by 16; launch options
-(num_warps, ...). The distinct keys, per kernel and per test function (the keys it was first to
-launch), are printed at the end.
+(num_warps, ...). The distinct keys are printed at the end, per kernel and per test function
+(how many it launches, and how many of those no other test launches: what leaving it out saves).
 
     python bench/count_triton_variants.py [pytest args]      # e.g. --gpu-tests tests/test_triton.py
 
@@ -25,8 +25,7 @@ import torch  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 VARIANTS: dict = collections.defaultdict(set)   # kernel name -> keys
-BY_TEST: dict = collections.Counter()           # test function -> keys it was the first to launch
-SEEN: set = set()
+TESTS: dict = collections.defaultdict(set)      # (kernel, key) -> test functions that launch it
 _current = ["?"]
 
 
@@ -62,9 +61,7 @@ _run = interpreter.InterpretedFunction.run
 def _counting_run(self, *args, grid, warmup, **kwargs):
     key = _key(self, args, kwargs)
     VARIANTS[self.fn.__name__].add(key)
-    if (self.fn.__name__, key) not in SEEN:
-        SEEN.add((self.fn.__name__, key))
-        BY_TEST[_current[0]] += 1
+    TESTS[(self.fn.__name__, key)].add(_current[0])
     return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
 
@@ -80,8 +77,14 @@ class _Plugin:
         w(f"triton variants (distinct JIT keys): {total}")
         for name, keys in sorted(VARIANTS.items(), key=lambda kv: -len(kv[1])):
             w(f"  {name}: {len(keys)}")
-        for test, n in BY_TEST.most_common():
-            w(f"  first launched by {test}: {n}")
+        per_test = collections.Counter(t for tests in TESTS.values() for t in tests)
+        only = collections.Counter(next(iter(tests)) for tests in TESTS.values() if len(tests) == 1)
+        if os.environ.get("TD_VARIANTS_JSON"):  # every key with its tests, for other selections
+            import json
+            with open(os.environ["TD_VARIANTS_JSON"], "w") as f:
+                json.dump([[k, repr(key), sorted(t)] for (k, key), t in TESTS.items()], f)
+        for test, n in per_test.most_common():
+            w(f"  {test}: launches {n}, {only[test]} of them launched by no other test")
 
 
 if __name__ == "__main__":
