@@ -51,7 +51,7 @@ flock -s 9  # others may read it now, none replaces it while this run uses it
 site() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 rm -rf "$WORK"
 mkdir -p "$WORK/src"
-git ls-files -co --exclude-standard -z | tar --null -T - -c | tar -x -C "$WORK/src"
+git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -c | tar -x -C "$WORK/src"
 $PYTHON -m venv --without-pip "$LOCAL"
 LOCAL=$PWD/$LOCAL
 echo "import site; site.addsitedir('$(site "$SHARED/bin/python")')" >"$(site "$LOCAL/bin/python")/td_cuda_shared.pth"
