@@ -7,7 +7,8 @@
 #   bash bench/gpu.sh --device cpu [--smoke]   # the same here, without a GPU: a CPU build, the
 #                                 #   native CPU kernels and the Triton interpreter, small shapes,
 #                                 #   4x the time limits
-#   --stages tests,ops,steps      # the full run's stages to run (after the smoke); --no-build
+#   --stages tests,ops,steps      # the full run's stages to run (after the smoke); tests-rest:
+#                                 #   the Triton tests left out of tests (tests/conftest.py); --no-build
 #   -- ARGS                       # more arguments for the op benchmark (td-kernels bench)
 # Each stage logs its start, end and seconds, runs under `timeout -s INT` (pytest and the
 # benchmarks stop cleanly on SIGINT and keep what they wrote) and writes its results as it goes
@@ -26,7 +27,7 @@ while [[ $# -gt 0 ]]; do
     --stages) stages=$2; shift 2 ;;
     --no-build) build=0; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -101,6 +102,10 @@ if want tests; then
   # cuda-marked ones) with their names in the log; what CI proves on a CPU is left out
   stage tests 150 "$PY" -m pytest --gpu-tests -rA -q -m "not slow" -p no:cacheprovider \
     --junitxml="$results/tests.xml" tests
+fi
+if want tests-rest; then  # not in the default stages: for a lease's spare minutes
+  stage tests-rest 150 "$PY" -m pytest --gpu-tests-rest -rA -q -p no:cacheprovider \
+    --junitxml="$results/tests-rest.xml" tests
 fi
 if want ops; then
   # no plots: the device tool returns at most 8 files (bench_*.png come from bench.csv later)
