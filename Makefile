@@ -12,17 +12,15 @@ PIP := $(PY) -m pip install -q
 .PHONY: demo test test-cpu test-cuda bench clean
 
 $(VENV)/.deps:
-	@echo "== [$$(date -u +%T)] cpu: install torch 2.13.0 and the tools into $(VENV)"
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip setuptools wheel
-	$(PIP) torch==2.13.0
-	$(PIP) "triton>=3.6" numpy ninja pytest hypothesis pytest-benchmark scikit-learn matplotlib tqdm
+	@.ci/phase "cpu: install torch 2.13.0 and the tools into $(VENV)" sh -c '\
+	  $(PYTHON) -m venv $(VENV) && $(PIP) --upgrade pip setuptools wheel && $(PIP) torch==2.13.0 && \
+	  $(PIP) "triton>=3.6" numpy ninja pytest hypothesis pytest-benchmark scikit-learn matplotlib tqdm'
 	touch $@
 
 # td.shrink_model's dependency graph (torch-pruning) and the Llama tests (transformers): neither
 # pulls another torch (torch-pruning asks for any torch, which 2.13.0 satisfies)
 $(VENV)/.deps-sparsity: $(VENV)/.deps
-	$(PIP) torch-pruning transformers
+	@.ci/phase "cpu: install torch-pruning and transformers" $(PIP) torch-pruning transformers
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(VENV)/.deps-sparsity setup.py pyproject.toml $(shell find csrc -type f)
