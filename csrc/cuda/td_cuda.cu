@@ -179,8 +179,14 @@ struct ApplyArgs {
   int64_t U, F;
   td::Window win;
   uint64_t seed, D;
+  const int64_t* seed_ptr;  // the seed on the device (graph-safe seed), or null: use `seed`
   int n, m;                // kNM
 };
+
+// The seed a kernel uses: read on the device when the launch got a pointer to it.
+__device__ __forceinline__ uint64_t seed_of(uint64_t seed, const int64_t* seed_ptr) {
+  return seed_ptr != nullptr ? (uint64_t)__ldg(seed_ptr) : seed;
+}
 
 // The V = 16 / sizeof(S) columns [j, j + V) of a row (nvalid of them inside it): one 16-byte
 // access when the whole vector is inside and aligned, else element by element.
@@ -270,7 +276,9 @@ __global__ void __launch_bounds__(kThreads) _apply(ApplyArgs a, bool aligned) {
         cand &= valid;
         uint32_t lt = a.D >= (uint64_t(1) << 32) ? ~0u : 0u;  // D = 2**32: every word is below D
         if (cand != 0 && a.D > 0 && a.D < (uint64_t(1) << 32))
-          lt = td::below_bits(a.seed, td::row_start(a.win, u) + (uint64_t)j, V, a.D);
+          // the seed read where it is used (an L1 hit after the first): hoisted out of the
+          // loop it held two more registers and _apply<FamF16, kNM> spilled on sm_90
+          lt = td::below_bits(seed_of(a.seed, a.seed_ptr), td::row_start(a.win, u) + (uint64_t)j, V, a.D);
         drop = cand & lt;
       }
 #pragma unroll
@@ -319,7 +327,9 @@ __global__ void __launch_bounds__(kThreads) _unit_norms(const typename Fm::S* __
 // keep[u] = not (norm key below the rank-k key, and word(u) < D); one block.
 template <class Norm>
 __global__ void __launch_bounds__(kThreads) _unit_select(const Norm* __restrict__ norms, bool* __restrict__ keep,
-                                                          int64_t U, int64_t k, uint64_t seed, uint64_t D) {
+                                                          int64_t U, int64_t k, uint64_t seed,
+                                                          const int64_t* __restrict__ seed_ptr, uint64_t D) {
+  seed = seed_of(seed, seed_ptr);
   using K = decltype(td::norm_key(Norm(0)));
   constexpr int kBits = sizeof(K) == 4 ? 31 : 63;
   __shared__ SelectSmem sm;
@@ -369,8 +379,8 @@ __global__ void _fill_i32(int32_t* p, int64_t n, int32_t v) {
     p[i] = v;
 }
 
-ApplyArgs args(const void* wk, const void* val, void* out, int64_t U, int64_t F, uint64_t seed, uint64_t D,
-               td::Window win) {
+ApplyArgs args(const void* wk, const void* val, void* out, int64_t U, int64_t F, uint64_t seed,
+               const int64_t* seed_ptr, uint64_t D, td::Window win) {
   ApplyArgs a{};
   a.wk = wk;
   a.val = val;
@@ -378,6 +388,7 @@ ApplyArgs args(const void* wk, const void* val, void* out, int64_t U, int64_t F,
   a.U = U;
   a.F = F;
   a.seed = seed;
+  a.seed_ptr = seed_ptr;
   a.D = D;
   a.win = win;
   return a;
@@ -385,7 +396,8 @@ ApplyArgs args(const void* wk, const void* val, void* out, int64_t U, int64_t F,
 
 template <class Fm>
 cudaError_t weight_dropout_t(const void* w, void* out, int32_t* limit, bool limit_given, uint32_t* bits, int64_t U,
-                             int64_t F, int64_t k, uint64_t seed, uint64_t D, td::Window win, cudaStream_t stream) {
+                             int64_t F, int64_t k, uint64_t seed, const int64_t* seed_ptr, uint64_t D, td::Window win,
+                             cudaStream_t stream) {
   if (!limit_given && (k == 0 || k == F)) {  // SPEC: no candidate / every element: no selection
     _fill_i32<<<grid_for(U), kThreads, 0, stream>>>(limit, U, k == 0 ? -1 : (int32_t)td::kKeyMax);
   } else if (!limit_given) {
@@ -394,7 +406,7 @@ cudaError_t weight_dropout_t(const void* w, void* out, int32_t* limit, bool limi
     _weight_select<Fm><<<grid_rows(U), kThreads, 0, stream>>>((const typename Fm::S*)w, limit, U, F, (uint32_t)k, al);
   }
   TD_LAUNCH_CHECK();
-  ApplyArgs a = args(w, w, out, U, F, seed, D, win);
+  ApplyArgs a = args(w, w, out, U, F, seed, seed_ptr, D, win);
   a.limit = limit;
   a.bits_out = bits;
   return launch_apply<Fm, Src::kKeys>(a, stream);
@@ -402,16 +414,16 @@ cudaError_t weight_dropout_t(const void* w, void* out, int32_t* limit, bool limi
 
 template <class Fm>
 cudaError_t unit_dropout_t(const void* w, void* out, bool* keep, void* norms, int64_t U, int64_t F, int64_t k,
-                           uint64_t seed, uint64_t D, cudaStream_t stream) {
+                           uint64_t seed, const int64_t* seed_ptr, uint64_t D, cudaStream_t stream) {
   using Norm = typename Fm::Norm;
   constexpr int V = 16 / (int)sizeof(typename Fm::S);
   _unit_norms<Fm><<<grid_rows(U), kThreads, 0, stream>>>((const typename Fm::S*)w, (Norm*)norms, U, F,
                                                           aligned16(w) && F % V == 0);
   TD_LAUNCH_CHECK();
-  _unit_select<Norm><<<1, kThreads, 0, stream>>>((const Norm*)norms, keep, U, k, seed, D);
+  _unit_select<Norm><<<1, kThreads, 0, stream>>>((const Norm*)norms, keep, U, k, seed, seed_ptr, D);
   TD_LAUNCH_CHECK();
   if (U * F == 0) return cudaSuccess;
-  ApplyArgs a = args(w, w, out, U, F, 0, 0, td::Window{0, (uint64_t)F});
+  ApplyArgs a = args(w, w, out, U, F, 0, nullptr, 0, td::Window{0, (uint64_t)F});
   a.keep = keep;
   return launch_apply<Fm, Src::kRows>(a, stream);
 }
@@ -430,21 +442,22 @@ cudaError_t dispatch(DType dt, Fn&& fn) {
 }  // namespace
 
 cudaError_t weight_dropout(DType dt, const void* w, void* out, int32_t* limit, bool limit_given, uint32_t* bits,
-                           int64_t U, int64_t F, int64_t k, uint64_t seed, uint64_t D, td::Window win,
-                           cudaStream_t stream) {
+                           int64_t U, int64_t F, int64_t k, uint64_t seed, const int64_t* seed_ptr, uint64_t D,
+                           td::Window win, cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    return weight_dropout_t<decltype(fam)>(w, out, limit, limit_given, bits, U, F, k, seed, D, win, stream);
+    return weight_dropout_t<decltype(fam)>(w, out, limit, limit_given, bits, U, F, k, seed, seed_ptr, D, win,
+                                           stream);
   });
 }
 
 cudaError_t weight_dropout_backward(DType dt, const void* grad, const void* w, const int32_t* limit,
-                                    const uint32_t* bits, void* out, int64_t U, int64_t F, uint64_t seed, uint64_t D,
-                                    td::Window win, cudaStream_t stream) {
+                                    const uint32_t* bits, void* out, int64_t U, int64_t F, uint64_t seed,
+                                    const int64_t* seed_ptr, uint64_t D, td::Window win, cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
     using Fm = decltype(fam);
-    ApplyArgs a = args(w, grad, out, U, F, seed, D, win);
+    ApplyArgs a = args(w, grad, out, U, F, seed, seed_ptr, D, win);
     a.limit = limit;
     a.bits_in = bits;
     return bits ? launch_apply<Fm, Src::kBits>(a, stream) : launch_apply<Fm, Src::kKeys>(a, stream);
@@ -452,10 +465,10 @@ cudaError_t weight_dropout_backward(DType dt, const void* grad, const void* w, c
 }
 
 cudaError_t nm_dropout(DType dt, const void* w, void* out, uint32_t* bits, int64_t U, int64_t F, int n, int m,
-                       uint64_t seed, uint64_t D, td::Window win, cudaStream_t stream) {
+                       uint64_t seed, const int64_t* seed_ptr, uint64_t D, td::Window win, cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    ApplyArgs a = args(w, w, out, U, F, seed, D, win);
+    ApplyArgs a = args(w, w, out, U, F, seed, seed_ptr, D, win);
     a.bits_out = bits;
     a.n = n;
     a.m = m;
@@ -464,12 +477,12 @@ cudaError_t nm_dropout(DType dt, const void* w, void* out, uint32_t* bits, int64
 }
 
 cudaError_t nm_dropout_backward(DType dt, const void* grad, const void* w, const uint32_t* bits, void* out,
-                                int64_t U, int64_t F, int n, int m, uint64_t seed, uint64_t D, td::Window win,
-                                cudaStream_t stream) {
+                                int64_t U, int64_t F, int n, int m, uint64_t seed, const int64_t* seed_ptr,
+                                uint64_t D, td::Window win, cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
     using Fm = decltype(fam);
-    ApplyArgs a = args(w, grad, out, U, F, seed, D, win);
+    ApplyArgs a = args(w, grad, out, U, F, seed, seed_ptr, D, win);
     a.bits_in = bits;
     a.n = n;
     a.m = m;
@@ -478,10 +491,10 @@ cudaError_t nm_dropout_backward(DType dt, const void* grad, const void* w, const
 }
 
 cudaError_t unit_dropout(DType dt, const void* w, void* out, bool* keep, void* norms, int64_t U, int64_t F,
-                         int64_t k, uint64_t seed, uint64_t D, cudaStream_t stream) {
+                         int64_t k, uint64_t seed, const int64_t* seed_ptr, uint64_t D, cudaStream_t stream) {
   if (U == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    return unit_dropout_t<decltype(fam)>(w, out, keep, norms, U, F, k, seed, D, stream);
+    return unit_dropout_t<decltype(fam)>(w, out, keep, norms, U, F, k, seed, seed_ptr, D, stream);
   });
 }
 
@@ -489,7 +502,7 @@ cudaError_t unit_dropout_backward(DType dt, const void* grad, const bool* keep, 
                                   cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    ApplyArgs a = args(grad, grad, out, U, F, 0, 0, td::Window{0, (uint64_t)F});
+    ApplyArgs a = args(grad, grad, out, U, F, 0, nullptr, 0, td::Window{0, (uint64_t)F});
     a.keep = keep;
     return launch_apply<decltype(fam), Src::kRows>(a, stream);
   });

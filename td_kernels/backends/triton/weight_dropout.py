@@ -39,9 +39,9 @@ import triton
 import triton.language as tl
 
 from ...reference import check_window
-from ._common import (KEY_MAX, _cols, _key, _store_bits, aligned, _tile_dropped, bits_backward, check_count,
-                      check_drop_threshold, check_limit, check_grad, check_seed, check_w2d, device_guard,
-                      launch_chunks, new_bits, num_warps)
+from ._common import (KEY_MAX, _cols, _key, _load_seed, _store_bits, aligned, _tile_dropped, bits_backward,
+                      check_count, check_drop_threshold, check_limit, check_grad, check_w2d, device_guard,
+                      launch_chunks, new_bits, num_warps, seed_args)
 
 __all__ = ["weight_dropout", "weight_dropout_backward"]
 
@@ -64,9 +64,21 @@ RADIX_BINS = tl.constexpr(256)
 
 
 @triton.jit
+def _rank_value(x):
+    """What the selection sorts: a value that orders like ``_key(x)`` and maps to it one to one.
+    float32: the key (31 bits); float16/bfloat16: the 15 magnitude bits (their keys are
+    strictly increasing in them, td_core.h's rank values), so a select needs 2 rounds, not 4."""
+    if x.dtype == tl.float32:
+        rv = _key(x)
+    else:
+        rv = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    return rv
+
+
+@triton.jit
 def _radix_hist(keys, valid, prefix, shift, N: tl.constexpr):
-    """Histogram of the digit ``(key >> shift) % RADIX_BINS`` over the valid keys whose bits
-    above the digit equal prefix's (none are fixed in the first round, shift = 24)."""
+    """Histogram of the digit ``(key >> shift) % RADIX_BINS`` over the valid keys (rank values)
+    whose bits above the digit equal prefix's (none are fixed in the first round)."""
     above = (tl.full([], -1, tl.int64) << (shift + RADIX_BITS)).to(tl.int32)  # 0 in the first round
     match = valid & (((keys ^ prefix) & above) == 0)
     digit = (keys >> shift) & (RADIX_BINS - 1)
@@ -85,40 +97,58 @@ def _radix_pick(hist, prefix, rank, shift):
 
 @triton.jit
 def _streamed_hist(row, F, prefix, shift, BLOCK_G: tl.constexpr):
-    """``_radix_hist`` over the ``F`` keys at ``row``, read chunk by chunk (one pass)."""
+    """``_radix_hist`` over the rank values of the ``F`` values at ``row``, read chunk by chunk
+    (one pass)."""
     hist = tl.zeros([RADIX_BINS], dtype=tl.int32)
     for c0 in range(0, F, 4 * BLOCK_G):
         j = c0 + _cols(BLOCK_G)
         valid = j < F
-        keys = _key(tl.load(row + j, mask=valid, other=0))
+        keys = _rank_value(tl.load(row + j, mask=valid, other=0))
         hist += _radix_hist(keys, valid, prefix, shift, 4 * BLOCK_G)
     return hist
 
 
 @triton.jit
 def _select(src, valid, F, k, BLOCK_G: tl.constexpr, RESIDENT: tl.constexpr):
-    """``t - 1`` for the key ``t`` at 0-based position k: a radix select, one histogram per
-    8-bit digit from the top.  RESIDENT: ``src`` is a ``[BLOCK_G, 4]`` tile of keys
-    (``valid`` its mask); else ``src`` points at ``F`` values read once per round in chunks of
-    ``4 * BLOCK_G``."""
+    """``t - 1`` for the key ``t`` at 0-based position k: a radix select over the rank values
+    (``_rank_value``), one histogram per 8-bit digit from the top: 4 rounds for float32 (31
+    bits), 2 for float16/bfloat16 (15 bits).  RESIDENT: ``src`` is a ``[BLOCK_G, 4]`` tile of
+    the row's values (``valid`` its mask); else ``src`` points at ``F`` values read once per
+    round in chunks of ``4 * BLOCK_G``."""
+    if RESIDENT:
+        dt = src.dtype
+        rv = _rank_value(src)
+    else:
+        dt = src.dtype.element_ty
+    if dt == tl.float32:
+        top = 24       # the shift of the first digit: bits 30..24 (bit 31 of a key is 0)
+    else:
+        top = 8        # bits 14..8, then 7..0
     rank = k + tl.zeros([], tl.int32)
     prefix = tl.zeros([], tl.int32)
-    for r in range(32 // RADIX_BITS):
-        shift = 32 - RADIX_BITS - RADIX_BITS * r
+    for r in range(top // RADIX_BITS + 1):
+        shift = top - RADIX_BITS * r
         if RESIDENT:
-            hist = _radix_hist(src, valid, prefix, shift, 4 * BLOCK_G)
+            hist = _radix_hist(rv, valid, prefix, shift, 4 * BLOCK_G)
         else:
             hist = _streamed_hist(src, F, prefix, shift, BLOCK_G)
         prefix, rank = _radix_pick(hist, prefix, rank, shift)
-    return prefix - 1
+    if dt == tl.float32:  # the threshold's key
+        t = prefix
+    elif dt == tl.bfloat16:
+        t = prefix << 16
+    else:  # float16: widen the half with these magnitude bits
+        t = _key(prefix.to(tl.int16).to(tl.float16, bitcast=True))
+    return t - 1
 
 
 @triton.jit(do_not_specialize=["seed", "D", "origin", "row_stride", "k"])
-def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, D: tl.int64,
+def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, seed_ptr, D: tl.int64,
                            origin: tl.int64, row_stride: tl.int64, F, NW, k,
                            SELECT: tl.constexpr, ONE_PASS: tl.constexpr, BITS: tl.constexpr,
-                           ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
+                           ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr, SEED_PTR: tl.constexpr):
     """One program per row; ``limit_ptr`` is written (SELECT) or read (a given limit)."""
+    seed = _load_seed(seed, seed_ptr, SEED_PTR)
     u = tl.program_id(0).to(tl.int64)
     row = w_ptr + u * F
     out_row = out_ptr + u * F
@@ -128,13 +158,12 @@ def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, 
         j = _cols(BLOCK_G)
         valid = j < F
         x = tl.load(row + j, mask=valid, other=0)
-        keys = _key(x)
         if SELECT:
-            limit = _select(keys, valid, F, k, BLOCK_G, True)
+            limit = _select(x, valid, F, k, BLOCK_G, True)
             tl.store(limit_ptr + u, limit)
         else:
             limit = tl.load(limit_ptr + u)
-        keep = ~((keys <= limit) & _tile_dropped(seed, s, D, ALIGNED, BLOCK_G))
+        keep = ~((_key(x) <= limit) & _tile_dropped(seed, s, D, ALIGNED, BLOCK_G))
         tl.store(out_row + j, tl.where(keep, x, tl.zeros_like(x)), mask=valid)
         if BITS:
             _store_bits(bits_row, 0, keep & valid, NW, BLOCK_G)
@@ -155,10 +184,11 @@ def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, 
 
 
 @triton.jit(do_not_specialize=["seed", "D", "origin", "row_stride"])
-def _weight_dropout_backward_kernel(g_ptr, w_ptr, limit_ptr, out_ptr, seed: tl.int64,
+def _weight_dropout_backward_kernel(g_ptr, w_ptr, limit_ptr, out_ptr, seed: tl.int64, seed_ptr,
                                     D: tl.int64, origin: tl.int64, row_stride: tl.int64, F,
-                                    ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
+                                    ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr, SEED_PTR: tl.constexpr):
     """Recompute backward, grid (U, chunks): keep from W's keys, limit[u] and the seed."""
+    seed = _load_seed(seed, seed_ptr, SEED_PTR)
     u = tl.program_id(0).to(tl.int64)
     s = origin + u * row_stride
     limit = tl.load(limit_ptr + u)
@@ -188,7 +218,7 @@ def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int, *,
     """SPEC weight targeting on ``w2d = w.reshape(U, F)``: ``(out2d, limit, bits or None)``
     (the launcher contract of ``td_kernels._registry``)."""
     check_w2d(w2d)
-    seed, D = check_seed(seed), check_drop_threshold(drop_threshold)
+    (seed, seed_ptr, from_ptr), D = seed_args(seed, w2d.device), check_drop_threshold(drop_threshold)
     U, F = w2d.shape
     origin, row_stride = check_window(window, U, F)
     dev = w2d.device
@@ -208,9 +238,9 @@ def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int, *,
     block_g = _block_groups(groups, MAX_ONE_PASS_GROUPS if one_pass else CHUNK_GROUPS)
     with device_guard(w2d):
         _weight_dropout_kernel[(U,)](
-            w2d, out, lim, packed if bits else out, seed, D, origin, row_stride, F,
+            w2d, out, lim, packed if bits else out, seed, seed_ptr, D, origin, row_stride, F,
             packed.shape[1] if bits else 0, k if select else 0, SELECT=select, ONE_PASS=one_pass, BITS=bits,
-            ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g,
+            ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, SEED_PTR=from_ptr,
             num_warps=forward_warps(one_pass, block_g))
     return out, lim, packed
 
@@ -223,7 +253,7 @@ def weight_dropout_backward(grad2d: torch.Tensor, w2d, limit, seed: int, drop_th
     if bits is not None:
         return bits_backward(grad2d, bits)
     check_w2d(w2d)
-    seed, D = check_seed(seed), check_drop_threshold(drop_threshold)
+    (seed, seed_ptr, from_ptr), D = seed_args(seed, w2d.device), check_drop_threshold(drop_threshold)
     U, F = w2d.shape
     check_grad(grad2d, w2d)
     limit = check_limit(limit, U, w2d.device)
@@ -234,6 +264,6 @@ def weight_dropout_backward(grad2d: torch.Tensor, w2d, limit, seed: int, drop_th
     block_g = _block_groups(triton.cdiv(F, 4), BACKWARD_GROUPS)
     with device_guard(w2d):
         launch_chunks(_weight_dropout_backward_kernel, U, F, 4 * block_g)(
-            grad2d, w2d, limit, out, seed, D, origin, row_stride, F,
-            ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, num_warps=num_warps(4 * block_g))
+            grad2d, w2d, limit, out, seed, seed_ptr, D, origin, row_stride, F,
+            ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, SEED_PTR=from_ptr, num_warps=num_warps(4 * block_g))
     return out
