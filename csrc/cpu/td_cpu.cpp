@@ -300,7 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_dropout_cpu(const at::Tens
                                                                   int64_t drop_threshold, int64_t origin,
                                                                   int64_t row_stride,
                                                                   const std::optional<at::Tensor>& limit,
-                                                                  bool bits, const std::optional<at::Tensor>& dseed) {
+                                                                  bool bits, const std::optional<at::Tensor>& dseed,
+                                                                  bool /*fused: a CUDA kernel choice*/) {
   seed = cpu_seed(seed, dseed, w);
   check_weight_dropout(w, seed, k, drop_threshold, origin, row_stride, limit, c10::kCPU);
   at::Tensor out = new_output(w);

@@ -17,11 +17,16 @@ namespace td_cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
+// How the weight forward selects: kTwoPass = _weight_select then _apply (w read twice, the
+// second mostly from L2), kFused = _weight_fused, select and apply in one kernel with the row in
+// shared memory (w read once; rows up to 32 KB, others take kTwoPass). Same bits either way.
+enum class WeightForward : int { kTwoPass = 0, kFused = 1 };
+
 // out, limit[U] (int32) from w [U, F]; k in [0, F]; D in [0, 2**32]. limit_given: limit
 // already holds the limits (no selection, k unused). bits: keep mask to write, or null.
 cudaError_t weight_dropout(DType dt, const void* w, void* out, int32_t* limit, bool limit_given, uint32_t* bits,
                            int64_t U, int64_t F, int64_t k, uint64_t seed, const int64_t* seed_ptr, uint64_t D,
-                           td::Window win, cudaStream_t stream);
+                           td::Window win, WeightForward variant, cudaStream_t stream);
 // grad_w = where(keep, grad, +0): keep read from bits when not null (w, limit unused), else
 // recomputed from w's keys, limit and the seed
 cudaError_t weight_dropout_backward(DType dt, const void* grad, const void* w, const int32_t* limit,

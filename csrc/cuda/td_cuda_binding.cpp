@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_dropout_cuda(const at::Ten
                                                                    int64_t drop_threshold, int64_t origin,
                                                                    int64_t row_stride,
                                                                    const std::optional<at::Tensor>& limit,
-                                                                   bool bits, const std::optional<at::Tensor>& dseed) {
+                                                                   bool bits, const std::optional<at::Tensor>& dseed,
+                                                                   bool fused) {
   check_weight_dropout(w, seed, k, drop_threshold, origin, row_stride, limit, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(w.device());
   at::Tensor out = at::empty_like(w);
@@ -69,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_dropout_cuda(const at::Ten
                                       limit.has_value(), bits ? words(bt) : nullptr, w.size(0), w.size(1), k,
                                       (uint64_t)seed, seed_ptr(dseed, w), (uint64_t)drop_threshold,
                                       window_of(origin, row_stride),
+                                      fused ? td_cuda::WeightForward::kFused : td_cuda::WeightForward::kTwoPass,
                                       c10::cuda::getCurrentCUDAStream()));
   return {out, lim, bt};
 }

@@ -32,6 +32,20 @@ BUILD_INFO: str = _C.BUILD_INFO  # e.g. "cpu: x86-64 (gcc 12.2), AVX2 ...; cuda:
 _ops = torch.ops.td_kernels_native
 
 
+# How the CUDA weight forward selects (read at each launch; the benchmark's provider
+# "native:fused" sets it): "two-pass" = a select kernel then the apply kernel (W read twice, the
+# second mostly from L2); "fused" = one kernel with the row in shared memory (W read once; rows
+# of up to 32 KB, longer ones take "two-pass"). Same bits either way; the CPU ignores it.
+WEIGHT_FORWARDS = ("two-pass", "fused")
+WEIGHT_FORWARD = "two-pass"
+
+
+def check_weight_forward(v) -> str:
+    if v not in WEIGHT_FORWARDS:
+        raise ValueError(f"native.WEIGHT_FORWARD must be one of {WEIGHT_FORWARDS}, got {v!r}")
+    return v
+
+
 def _window_args(window, U: int, F: int) -> tuple[int, int]:
     """(origin, row_stride) of a checked window (reference.check_window's errors)."""
     return tuple(check_window(window, U, F))
@@ -50,7 +64,8 @@ def _bits_or_none(bits):
 def weight_dropout(w2d, seed: int, k: int, drop_threshold: int, *, window=None, limit=None, bits=False):
     U, F = w2d.shape
     s, dseed = _seed(seed)
-    out, lim, b = _ops.weight_dropout(w2d, s, k, drop_threshold, *_window_args(window, U, F), limit, bool(bits), dseed)
+    out, lim, b = _ops.weight_dropout(w2d, s, k, drop_threshold, *_window_args(window, U, F), limit, bool(bits), dseed,
+                                      check_weight_forward(WEIGHT_FORWARD) == "fused")
     return out, lim, _bits_or_none(b)
 
 
@@ -91,7 +106,7 @@ def _fake_bits(w, bits: bool):
 
 
 @torch.library.register_fake("td_kernels_native::weight_dropout")
-def _(w, seed, k, drop_threshold, origin, row_stride, limit, bits, dseed=None):
+def _(w, seed, k, drop_threshold, origin, row_stride, limit, bits, dseed=None, fused=False):
     return torch.empty_like(w), w.new_empty((w.shape[0],), dtype=torch.int32), _fake_bits(w, bits)
 
 

@@ -52,6 +52,12 @@ MAX_ONE_PASS_GROUPS = 2048   # rows of up to 8192 columns are selected from regi
 CHUNK_GROUPS = 1024          # columns per chunk of the streamed path: 4 * this
 BACKWARD_GROUPS = 1024       # columns per recompute-backward iteration: 4 * this
 MIN_GROUPS = 8
+# How a row resident in registers is selected (read at each launch; the benchmark's provider
+# "triton:sampled" sets it): "radix" = _select, "sampled" = _select_sampled. Same bits either
+# way; streamed rows always take the radix select.
+SELECTS = ("radix", "sampled")
+SELECT = "radix"
+SAMPLE = tl.constexpr(64)  # values in _select_sampled's sample
 
 
 # Key bits fixed per radix round: 4 rounds of 256 bins (bit 31 of a key is always 0).  The
@@ -142,12 +148,77 @@ def _select(src, valid, F, k, BLOCK_G: tl.constexpr, RESIDENT: tl.constexpr):
     return t - 1
 
 
+@triton.jit
+def _count(mask, N: tl.constexpr):
+    """How many elements of a ``[BLOCK_G, 4]`` mask are set."""
+    return tl.sum(tl.reshape(mask.to(tl.int32), [N]), 0)
+
+
+@triton.jit
+def _select_sampled(x, valid, row, F, k, BLOCK_G: tl.constexpr):
+    """``_select`` for a row resident in registers (``x``, ``valid``), modelled on the native
+    CPU's sample-bracketed selection (csrc/cpu/td_select.h): a sorted strided sample of SAMPLE
+    rank values gives two values ``lo <= hi`` bracketing rank k; ONE counting pass over the row
+    (4 counts, no histogram) says where rank k lies.  At ``lo`` or ``hi`` (ties): done.  Strictly
+    between: the radix rounds run only over the open band (lo, hi), starting at the top 8-bit
+    digit where lo and hi differ (their common high bits are the band's), with rank
+    ``k - #(rv <= lo)``.  Outside (the sample misjudged): the full radix rounds over the row.
+    Exact for every input; the sample only decides how many rounds run.  Memory traffic: the
+    row's registers plus SAMPLE loads (cache hits); work: the sample's sort (SAMPLE log^2
+    SAMPLE), 4 compares per element, and 0 to (rounds) histograms."""
+    rv = _rank_value(x)
+    N: tl.constexpr = 4 * BLOCK_G
+    if x.dtype == tl.float32:
+        top = 24
+    else:
+        top = 8
+    i = tl.arange(0, SAMPLE)
+    pos = ((2 * i + 1).to(tl.int64) * F) // (2 * SAMPLE)
+    sample = tl.sort(_rank_value(tl.load(row + pos)))
+    p = k.to(tl.float32) / F
+    r = (p * SAMPLE).to(tl.int32)
+    # ~2 sigma (+2) of the sample rank around r (a [1] vector: the interpreter's sqrt takes no scalar)
+    d = tl.sum((2.0 * tl.sqrt(tl.full([1], SAMPLE, tl.float32) * p * (1.0 - p))).to(tl.int32), 0) + 2
+    lo = tl.sum(tl.where(i == tl.maximum(r - d, 0), sample, 0), 0)
+    hi = tl.sum(tl.where(i == tl.minimum(r + d, SAMPLE - 1), sample, 0), 0)
+    lt_lo = _count(valid & (rv < lo), N)  # the one counting pass
+    le_lo = _count(valid & (rv <= lo), N)
+    lt_hi = _count(valid & (rv < hi), N)
+    le_hi = _count(valid & (rv <= hi), N)
+    at_lo = (k >= lt_lo) & (k < le_lo)
+    at_hi = (k >= lt_hi) & (k < le_hi)
+    between = (k >= le_lo) & (k < lt_hi)
+    diff = lo ^ hi  # the band's top differing digit, or the whole key when the sample misjudged
+    start = tl.where(between, tl.where(diff >= 1 << 24, 24, tl.where(diff >= 1 << 16, 16,
+                                                                     tl.where(diff >= 1 << 8, 8, 0))), top)
+    start = tl.minimum(start, top)
+    prefix = (lo.to(tl.int64) & (tl.full([], -1, tl.int64) << (start + RADIX_BITS))).to(tl.int32)
+    prefix = tl.where(between, prefix, 0)
+    match = tl.where(between, valid & (rv > lo) & (rv < hi), valid)
+    rank = tl.where(between, k - le_lo, k)
+    rounds = tl.where(at_lo | at_hi, 0, start // RADIX_BITS + 1)
+    for r in range(rounds):
+        shift = start - RADIX_BITS * r
+        hist = _radix_hist(rv, match, prefix, shift, N)
+        prefix, rank = _radix_pick(hist, prefix, rank, shift)
+    t = tl.where(at_lo, lo, tl.where(at_hi, hi, prefix))
+    if x.dtype == tl.float32:  # the threshold's key
+        key = t
+    elif x.dtype == tl.bfloat16:
+        key = t << 16
+    else:
+        key = _key(t.to(tl.int16).to(tl.float16, bitcast=True))
+    return key - 1
+
+
 @triton.jit(do_not_specialize=["seed", "D", "origin", "row_stride", "k"])
 def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, seed_ptr, D: tl.int64,
                            origin: tl.int64, row_stride: tl.int64, F, NW, k,
                            SELECT: tl.constexpr, ONE_PASS: tl.constexpr, BITS: tl.constexpr,
-                           ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr, SEED_PTR: tl.constexpr):
-    """One program per row; ``limit_ptr`` is written (SELECT) or read (a given limit)."""
+                           ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr, SEED_PTR: tl.constexpr,
+                           SAMPLED: tl.constexpr = False):
+    """One program per row; ``limit_ptr`` is written (SELECT) or read (a given limit);
+    SAMPLED: a resident row is selected by ``_select_sampled``."""
     seed = _load_seed(seed, seed_ptr, SEED_PTR)
     u = tl.program_id(0).to(tl.int64)
     row = w_ptr + u * F
@@ -159,7 +230,10 @@ def _weight_dropout_kernel(w_ptr, out_ptr, limit_ptr, bits_ptr, seed: tl.int64, 
         valid = j < F
         x = tl.load(row + j, mask=valid, other=0)
         if SELECT:
-            limit = _select(x, valid, F, k, BLOCK_G, True)
+            if SAMPLED:
+                limit = _select_sampled(x, valid, row, F, k, BLOCK_G)
+            else:
+                limit = _select(x, valid, F, k, BLOCK_G, True)
             tl.store(limit_ptr + u, limit)
         else:
             limit = tl.load(limit_ptr + u)
@@ -201,6 +275,12 @@ def _weight_dropout_backward_kernel(g_ptr, w_ptr, limit_ptr, out_ptr, seed: tl.i
         tl.store(out_ptr + u * F + j, tl.where(keep, g, tl.zeros_like(g)), mask=valid)
 
 
+def check_select(v) -> str:
+    if v not in SELECTS:
+        raise ValueError(f"weight_dropout.SELECT must be one of {SELECTS}, got {v!r}")
+    return v
+
+
 def forward_warps(one_pass: bool, block_g: int) -> int:
     """Warps of the forward: one per 512 columns of a one-pass tile (16 at 8192 columns; 8
     warps there spilled), one per 256 of a streamed chunk (16 at 4096: with 8, ptxas kept 64
@@ -240,6 +320,7 @@ def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int, *,
         _weight_dropout_kernel[(U,)](
             w2d, out, lim, packed if bits else out, seed, seed_ptr, D, origin, row_stride, F,
             packed.shape[1] if bits else 0, k if select else 0, SELECT=select, ONE_PASS=one_pass, BITS=bits,
+            SAMPLED=select and one_pass and check_select(SELECT) == "sampled",
             ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, SEED_PTR=from_ptr,
             num_warps=forward_warps(one_pass, block_g))
     return out, lim, packed
