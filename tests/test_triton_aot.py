@@ -14,7 +14,8 @@ each dtype meets each setting.  N:M: the fast path at m = 2, 4, 16 and the gener
 m = 3, 9, 15, forward with and without bits and the recompute backward.  Both backwards, the
 unit kernels (norms, the one-program selection, the row select) in every dtype.  The graph-safe
 seed (``SEED_PTR``: the seed loaded from a device tensor): the weight forward and recompute
-backward, the N:M forward and the unit selection once each per target.  Runtime
+backward, the N:M forward and the unit selection once each per target; the sample-bracketed
+selection (``SAMPLED``) in each dtype.  Runtime
 branches (none of the above is one) compile with their kernel.
 
 All compiles run once per session in ONE fresh process (this one may be running the
@@ -106,6 +107,12 @@ def variants():
         out.append((f"graphseed-nm_fast-2of4-{dt}-sm{cc}", "nm_dropout", "_nm_kernel", types(dt),
                     dict(N=2, M=4, BACKWARD=False, BITS=True, POW2=True, ALIGNED=True, BLOCK_G=nd.NM_GROUPS,
                          SEED_PTR=True), c.num_warps(4 * nd.NM_GROUPS)))
+        # the sample-bracketed selection (weight_dropout.SELECT = "sampled"): one-pass rows only
+        for dt in DTYPES:
+            bg = wd.MAX_ONE_PASS_GROUPS
+            out.append((f"sampled-weight_fwd-{dt}-sm{cc}", "weight_dropout", "_weight_dropout_kernel", types(dt),
+                        dict(SELECT=True, ONE_PASS=True, BITS=True, ALIGNED=True, BLOCK_G=bg, SEED_PTR=False,
+                             SAMPLED=True), wd.forward_warps(True, bg)))
         out.append((f"graphseed-unit_keep-sm{cc}", "unit_dropout", "_unit_keep_kernel", types("fp32"),
                     dict(SELECT=True, BLOCK_G=ud.KEEP_GROUPS, SEED_PTR=True), c.num_warps(4 * ud.KEEP_GROUPS)))
     return out
@@ -245,6 +252,7 @@ def test_every_setting_is_compiled():
             assert any(n.startswith("nm_") and part in n for n in mine), (part, cc)
         assert {"unit_keep-select0", "unit_keep-select1"} <= {n.rsplit("-", 1)[0] for n in mine}
         assert len([n for n in mine if n.startswith("graphseed-")]) == 4  # SEED_PTR: the graph-safe seed
+        assert {n.split("-")[2] for n in mine if n.startswith("sampled-")} == set(DTYPES)
 
 
 def test_norm_kernel_ptx_uses_ieee_float64_sqrt(compiled):
