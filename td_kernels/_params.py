@@ -101,10 +101,11 @@ def device_seed(device) -> Tensor:
     torch's CUDA generator draws it: its kernel reads the generator's Philox seed and offset on
     the device (``at::cuda::philox::unpack`` of ``philox_cuda_state``, as ``F.dropout`` does)
     and the host advances the offset per call, so under CUDA graph capture every replay draws
-    a new s, and ``torch.manual_seed`` reproduces the sequence. The same draw seeds Triton's
-    random ops in torch.compile's generated code (``inductor_seeds``), and ``aten.randint``
-    without ``low`` stays torch's own kernel under torch.compile: eager, compiled and captured
-    calls derive s alike. The kernels read s from this tensor (never a host copy)."""
+    a new s, and ``torch.manual_seed`` reproduces the sequence. (The same draw seeds Triton's
+    random ops in torch.compile's generated code, ``inductor_seeds``. Under torch.compile
+    inductor draws this randint with its own generator, as it does the CPU draw of seed=None:
+    reproducible, other values than eager.) The kernels read s from this tensor, never a host
+    copy."""
     return torch.randint(SEED_LIMIT - 1, (), dtype=torch.int64, device=device)
 
 
