@@ -20,7 +20,10 @@ Unit targeting keeps 1 byte per unit (its keep flags) either way: that already i
 ``dseed`` (optional, every op but the unit backward) is the graph-safe seed of SPEC section 9:
 a 0-dim int64 tensor on the weight's device, written on the device by torch's generator
 (``_params.device_seed``) and read by the kernels; params' seed is then unused. Autograd keeps
-it for the recompute backward. Launchers receive it as their ``seed`` (``_registry``).
+it for the recompute backward. Launchers receive it as their ``seed`` (``_registry``). Under
+CUDA graph capture ``params`` is read on the host once, at capture: k, D and the window are
+constants of the captured graph (a rate changed later needs a new capture), and its seed is
+why ``seed=None`` needs ``dseed`` there (``_params.call_seed``).
 """
 from __future__ import annotations
 

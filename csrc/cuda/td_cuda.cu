@@ -85,13 +85,12 @@ __device__ K block_radix_select(uint32_t k, ForEach for_each, SelectSmem& sm) {
     for (int i = threadIdx.x; i < td::kRadixBins; i += kThreads) sm.hist[i] = 0;
     __syncthreads();
     for_each([&](K v) {
-      if ((v >> prev) == prefix) atomicAdd(&sm.hist[td::radix_digit(v, shift)], 1u);
+      if (td::radix_survives(v, prefix, prev)) atomicAdd(&sm.hist[td::radix_digit(v, shift)], 1u);
     });
     __syncthreads();
     block_pick_bin(sm, k);
     __syncthreads();
-    const int fixed = prev - shift;  // new bits fixed by this pass (the digit may overlap)
-    prefix = (prefix << fixed) | (K)(sm.bin & ((1u << fixed) - 1u));
+    prefix = td::radix_extend_prefix(prefix, prev, shift, sm.bin);  // the digit may overlap
     k = sm.k;
     prev = shift;
   }
