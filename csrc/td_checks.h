@@ -55,6 +55,25 @@ inline void check_seed_and_threshold(int64_t seed, int64_t drop_threshold) {
   TD_CHECK_RANGE(drop_threshold, int64_t(0), kDropThresholdMax);
 }
 
+// The graph-safe seed (SPEC section 9), when given: a 0-dim int64 tensor on w's device holding
+// the seed, which the kernels read (CUDA: on the device, so a captured graph reads each replay's
+// value); the int seed is then unused.
+inline void check_dseed(const std::optional<at::Tensor>& dseed, const at::Tensor& w) {
+  if (!dseed.has_value()) return;
+  TORCH_CHECK_TYPE(dseed->scalar_type() == at::kLong, "dseed must be int64, got ", dseed->scalar_type());
+  TORCH_CHECK_VALUE(dseed->dim() == 0, "dseed must be 0-dim, got shape ", dseed->sizes());
+  TORCH_CHECK_VALUE(dseed->device() == w.device(), "dseed must be on ", w.device(), ", got ", dseed->device());
+}
+
+// The seed of a CPU call: dseed's value when given (a CPU tensor: no synchronization).
+inline int64_t cpu_seed(int64_t seed, const std::optional<at::Tensor>& dseed, const at::Tensor& w) {
+  check_dseed(dseed, w);
+  if (!dseed.has_value()) return seed;
+  const int64_t s = *dseed->data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(s >= 0, "dseed must hold a seed in [0, 2**63), got ", s);
+  return s;
+}
+
 // (grad, w) pairs of the backward: same shape, dtype and device, both contiguous 2-D.
 inline void check_grad_like(const at::Tensor& grad, const at::Tensor& w, c10::DeviceType dev) {
   TD_CHECK_DEVICE(grad, dev);

@@ -236,6 +236,19 @@ TD_HD uint32_t radix_digit(K key, int shift) {
   return (uint32_t)(key >> shift) & (kRadixBins - 1);
 }
 
+// The CUDA block select's digit step (td_cuda.cu, block_radix_select: _weight_select,
+// _weight_fused, _unit_select). The values still in the running after the passes so far are
+// those with (v >> prev) == prefix (prev = kBits before the first pass: all of them). A pass at
+// `shift` picks `bin`; its digit may overlap bits already fixed (31-bit keys: digits at 20, 9,
+// then 0, whose top 2 bits were fixed at 9), so only the prev - shift new bits are appended.
+template <typename K>
+TD_HD bool radix_survives(K v, K prefix, int prev) { return (v >> prev) == prefix; }
+template <typename K>
+TD_HD K radix_extend_prefix(K prefix, int prev, int shift, uint32_t bin) {
+  const int fixed = prev - shift;
+  return (prefix << fixed) | (K)(bin & ((1u << fixed) - 1u));
+}
+
 // Given the histogram of one pass and the 0-based rank k among its values, return the bin
 // holding rank k and set *k_in_bin to k's rank inside that bin. Two levels: whole groups of
 // 64 bins are summed first (a loop the compiler vectorizes), then one group is scanned bin by

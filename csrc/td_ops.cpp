@@ -84,16 +84,19 @@ PyObject* PyInit__C(void) {
 // k, seed and drop_threshold are int64 (drop_threshold reaches 2**32). (origin, row_stride) is
 // the window (SPEC section 12; (0, F) for a whole weight). Without bits, "bits" outputs are
 // empty int32 tensors; with bits, int32 [U, ceil(F/32)] (reference.pack_bits). A limit given
-// to weight_dropout replaces the selection (k is then unused) and comes back as a copy.
+// to weight_dropout replaces the selection (k is then unused) and comes back as a copy. dseed,
+// when given, is the graph-safe seed (SPEC section 9): a 0-dim int64 tensor on w's device that
+// the kernels read instead of `seed` (td_checks.h, check_dseed). `fused` picks the CUDA weight
+// forward that selects and applies in one kernel (td_cuda.h, WeightForward; the CPU ignores it).
 TORCH_LIBRARY(td_kernels_native, m) {
   m.def("weight_dropout(Tensor w, int seed, int k, int drop_threshold, int origin, int row_stride, "
-        "Tensor? limit, bool bits) -> (Tensor, Tensor, Tensor)");
+        "Tensor? limit, bool bits, Tensor? dseed=None, bool fused=False) -> (Tensor, Tensor, Tensor)");
   m.def("weight_dropout_backward(Tensor grad, Tensor? w, Tensor? limit, int seed, int drop_threshold, "
-        "int origin, int row_stride, Tensor? bits) -> Tensor");
+        "int origin, int row_stride, Tensor? bits, Tensor? dseed=None) -> Tensor");
   m.def("nm_dropout(Tensor w, int seed, int n, int m, int drop_threshold, int origin, int row_stride, "
-        "bool bits) -> (Tensor, Tensor)");
+        "bool bits, Tensor? dseed=None) -> (Tensor, Tensor)");
   m.def("nm_dropout_backward(Tensor grad, Tensor? w, int seed, int n, int m, int drop_threshold, "
-        "int origin, int row_stride, Tensor? bits) -> Tensor");
-  m.def("unit_dropout(Tensor w, int seed, int k, int drop_threshold) -> (Tensor, Tensor)");
+        "int origin, int row_stride, Tensor? bits, Tensor? dseed=None) -> Tensor");
+  m.def("unit_dropout(Tensor w, int seed, int k, int drop_threshold, Tensor? dseed=None) -> (Tensor, Tensor)");
   m.def("unit_dropout_backward(Tensor grad, Tensor keep) -> Tensor");
 }

@@ -76,6 +76,58 @@ def _seed_tensor(seed) -> Tensor:
     return torch.tensor(int(seed), dtype=torch.int64, device="cpu")
 
 
+# ---- SPEC section 9: the graph-safe seed --------------------------------------------------
+# With seed=None, a CUDA weight's s may come from torch's CUDA generator on the device
+# (device_seed), so that a captured CUDA graph draws a fresh s at each replay; the CPU draw
+# above happens once, at capture, and a replay would repeat its mask. The device path is built
+# and tested here (the kernels read the seed from a device tensor: checked bit for bit on the
+# CPU, through the Triton interpreter and the native CPU kernels) but has never run on a GPU,
+# so it stays off: seed=None on CUDA draws on the CPU as before, and a call during CUDA graph
+# capture raises (CAPTURE_ERROR). The GPU session sets this to True once the `cuda`-marked
+# tests of tests/test_graph_seed.py pass.
+GRAPH_SAFE_VERIFIED = False
+
+CAPTURE_ERROR = (
+    "td_kernels: seed=None during CUDA graph capture would draw one seed at capture time and every replay would "
+    "repeat that one mask. The graph-safe seed (SPEC section 9: s derived on the device from torch's CUDA "
+    "generator) is not enabled yet (td_kernels._params.GRAPH_SAFE_VERIFIED is False until it has run on a GPU). "
+    "Pass an explicit seed (one fixed mask, by design) or run this call outside CUDA graph capture.")
+
+
+def device_seed(device) -> Tensor:
+    """The graph-safe seed: a 0-dim int64 tensor on CUDA ``device`` holding
+    ``s = torch.randint(2**63 - 1, (), dtype=torch.int64, device=device)``.
+
+    torch's CUDA generator draws it: its kernel reads the generator's Philox seed and offset on
+    the device (``at::cuda::philox::unpack`` of ``philox_cuda_state``, as ``F.dropout`` does)
+    and the host advances the offset per call, so under CUDA graph capture every replay draws
+    a new s, and ``torch.manual_seed`` reproduces the sequence. (The same draw seeds Triton's
+    random ops in torch.compile's generated code, ``inductor_seeds``. Under torch.compile
+    inductor draws this randint with its own generator, as it does the CPU draw of seed=None:
+    reproducible, other values than eager.) The kernels read s from this tensor, never a host
+    copy."""
+    return torch.randint(SEED_LIMIT - 1, (), dtype=torch.int64, device=device)
+
+
+def capturing(w: Tensor) -> bool:
+    """Whether a call on ``w`` runs during CUDA graph capture (read eagerly, not traced)."""
+    return (w.device.type == "cuda" and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
+
+
+def call_seed(seed, w: Tensor):
+    """``(seed, dseed)`` of a public call: ``dseed`` the graph-safe seed (then ``seed`` 0 only
+    fills params) for ``seed=None`` on a plain CUDA tensor once GRAPH_SAFE_VERIFIED, else None.
+    ``seed=None`` during CUDA graph capture without it raises CAPTURE_ERROR."""
+    if seed is not None:
+        return seed, None
+    if GRAPH_SAFE_VERIFIED and w.device.type == "cuda" and not _is_dtensor(w):
+        return 0, device_seed(w.device)
+    if capturing(w):
+        raise RuntimeError(CAPTURE_ERROR)
+    return None, None
+
+
 def _int64_cpu(parts) -> Tensor:
     if torch.compiler.is_compiling():  # the parts may be graph values (tensor rates, seeds)
         return torch.stack([torch.as_tensor(p, dtype=torch.int64, device="cpu") for p in parts])

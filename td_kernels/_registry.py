@@ -9,7 +9,9 @@ argument, never another launcher. Every launcher takes plain tensors and Python 
 
 ``weight_dropout(w2d, seed, k, D, *, window=None, limit=None, bits=False) -> (out2d, limit, bits)``
     ``k = count(targ_rate, F)``, ``D = floor(drop_rate * 2**32)`` (0..2**32), ``seed`` a Python
-    int in [0, 2**63). ``out2d`` has w2d's shape and dtype, contiguous. ``limit`` is int32
+    int in [0, 2**63), or the graph-safe seed (SPEC section 9): a 0-dim int64 tensor on w2d's
+    device holding it, which the kernels read on the device (no host copy; every launcher
+    taking a seed accepts both). ``out2d`` has w2d's shape and dtype, contiguous. ``limit`` is int32
     ``[U]``: element (u, j) is a candidate iff ``key(w[u, j]) <= limit[u]``, i.e. ``limit[u] =
     t_u - 1`` with ``-1`` when k == 0 and ``0x7FFFFFFF`` when k == F. A ``limit`` passed in is
     used as is and returned (no selection; k unused): the sharded path finds thresholds of rows

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import ops
-from ._params import _check_weight, _fan_in, _is_dtensor, _rate, nm_params, unit_params, weight_params
+from ._params import _check_weight, _fan_in, _is_dtensor, _rate, call_seed, nm_params, unit_params, weight_params
 from ._registry import check_name, resolve
 from .reference import check_nm
 
@@ -52,9 +52,11 @@ def targeted_weight_dropout(w: Tensor, drop_rate: Rate, targ_rate: Rate, *, trai
     drop_rate, targ_rate = _check_common(w, drop_rate, targ_rate, training, backend, mask)
     if not training:
         return w
+    seed, dseed = call_seed(seed, w)
     if _is_dtensor(w):
         return _sharded("weight", w, drop_rate=drop_rate, targ_rate=targ_rate, seed=seed, backend=backend, mask=mask)
-    out, _limit, _bits = ops.weight_dropout(w, weight_params(seed, drop_rate, targ_rate, _fan_in(w)), backend, mask)
+    out, _limit, _bits = ops.weight_dropout(w, weight_params(seed, drop_rate, targ_rate, _fan_in(w)), backend, mask,
+                                            dseed=dseed)
     return out
 
 
@@ -68,9 +70,10 @@ def targeted_nm_dropout(w: Tensor, drop_rate: Rate, *, n: int = 2, m: int = 4, t
     check_nm(n, m, _fan_in(w))
     if not training:
         return w
+    seed, dseed = call_seed(seed, w)
     if _is_dtensor(w):
         return _sharded("nm", w, drop_rate=drop_rate, n=n, m=m, seed=seed, backend=backend, mask=mask)
-    out, _bits = ops.nm_dropout(w, nm_params(seed, drop_rate, _fan_in(w)), n, m, backend, mask)
+    out, _bits = ops.nm_dropout(w, nm_params(seed, drop_rate, _fan_in(w)), n, m, backend, mask, dseed=dseed)
     return out
 
 
@@ -81,9 +84,10 @@ def targeted_unit_dropout(w: Tensor, drop_rate: Rate, targ_rate: Rate, *, traini
     drop_rate, targ_rate = _check_common(w, drop_rate, targ_rate, training, backend)
     if not training:
         return w
+    seed, dseed = call_seed(seed, w)
     if _is_dtensor(w):
         return _sharded("unit", w, drop_rate=drop_rate, targ_rate=targ_rate, seed=seed, backend=backend)
-    out, _keep = ops.unit_dropout(w, unit_params(seed, drop_rate, targ_rate, w.shape[0]), backend)
+    out, _keep = ops.unit_dropout(w, unit_params(seed, drop_rate, targ_rate, w.shape[0]), backend, dseed=dseed)
     return out
 
 

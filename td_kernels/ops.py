@@ -16,6 +16,14 @@ graph.
                    bytes per unit (weight targeting's int32 limit key); the backward
                    recomputes the mask from W: no per-element state at all.
 Unit targeting keeps 1 byte per unit (its keep flags) either way: that already is its mask.
+
+``dseed`` (optional, every op but the unit backward) is the graph-safe seed of SPEC section 9:
+a 0-dim int64 tensor on the weight's device, written on the device by torch's generator
+(``_params.device_seed``) and read by the kernels; params' seed is then unused. Autograd keeps
+it for the recompute backward. Launchers receive it as their ``seed`` (``_registry``). Under
+CUDA graph capture ``params`` is read on the host once, at capture: k, D and the window are
+constants of the captured graph (a rate changed later needs a new capture), and its seed is
+why ``seed=None`` needs ``dseed`` there (``_params.call_seed``).
 """
 from __future__ import annotations
 
@@ -43,6 +51,20 @@ def _unpack(params: Tensor, layout: str) -> list[int]:
         raise ValueError(f"params must be an int64 CPU tensor {layout} of shape ({n},), got {params.dtype} "
                          f"{tuple(params.shape)} on {params.device}")
     return params.tolist()  # a CPU tensor: no device synchronisation
+
+
+def _seed(seed: int, dseed: Optional[Tensor], w: Tensor):
+    """The launchers' seed: params' int, or ``dseed`` (the graph-safe seed, SPEC section 9): a
+    0-dim int64 tensor on w's device that the kernels read themselves, so a captured CUDA graph
+    uses the value its replay wrote there (``_params.device_seed``), never a host copy."""
+    if dseed is None:
+        return seed
+    if not isinstance(dseed, Tensor) or dseed.dtype != torch.int64 or dseed.shape != () \
+            or dseed.device != w.device:
+        got = f"{dseed.dtype} {tuple(dseed.shape)} on {dseed.device}" if isinstance(dseed, Tensor) \
+            else type(dseed).__name__
+        raise ValueError(f"dseed must be a 0-dim int64 tensor on {w.device}, got {got}")
+    return dseed
 
 
 def check_mask(mask) -> str:
@@ -82,10 +104,12 @@ def _fake_out(w: Tensor) -> Tensor:
 
 
 # ---- weight targeting --------------------------------------------------------------------
-def _weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str,
-                   limit: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(out, limit, bits)``; ``limit`` given skips the selection (the sharded path)."""
+def _weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str, limit: Optional[Tensor] = None,
+                   dseed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, limit, bits)``; ``limit`` given skips the selection (the sharded path); ``dseed``
+    given replaces params' seed (the graph-safe seed, see the module docstring)."""
     seed, k, D, origin, row_stride = _unpack(params, WEIGHT_PARAMS)
+    seed = _seed(seed, dseed, w)
     want_bits = _wants_bits(mask)
     U, F = w.shape[0], _fan_in(w)
     if w.numel() == 0:
@@ -104,13 +128,14 @@ _weight_dropout_op = torch.library.custom_op("td_kernels::weight_dropout", _weig
 
 
 @_weight_dropout_op.register_fake
-def _(w, params, backend, mask, limit=None):
+def _(w, params, backend, mask, limit=None, dseed=None):
     return _fake_out(w), w.new_empty((w.shape[0],), dtype=torch.int32), _fake_bits(w, mask)
 
 
 def _weight_dropout_backward(grad: Tensor, w: Optional[Tensor], limit: Tensor, bits: Tensor, params: Tensor,
-                            backend: str, mask: str) -> Tensor:
+                            backend: str, mask: str, dseed: Optional[Tensor] = None) -> Tensor:
     seed, _k, D, origin, row_stride = _unpack(params, WEIGHT_PARAMS)
+    seed = _seed(seed, dseed, grad)
     use_bits = _wants_bits(mask)
     if grad.numel() == 0:
         return grad.clone()
@@ -126,30 +151,33 @@ _weight_dropout_backward_op = torch.library.custom_op("td_kernels::weight_dropou
 
 
 @_weight_dropout_backward_op.register_fake
-def _(grad, w, limit, bits, params, backend, mask):
+def _(grad, w, limit, bits, params, backend, mask, dseed=None):
     return _fake_out(grad)
 
 
 def _weight_setup_context(ctx, inputs, output):
-    w, params, backend, mask, _limit = inputs
+    w, params, backend, mask, _limit, dseed = inputs
     _out, limit, bits = output
     ctx.mask, ctx.backend = mask, backend
     # "bits": the weight is not needed by the backward, so autograd does not keep it
-    ctx.save_for_backward(None if mask == "bits" else w, limit, bits, params)
+    ctx.save_for_backward(None if mask == "bits" else w, limit, bits, params, dseed)
 
 
 def _weight_backward(ctx, grad_out, _grad_limit, _grad_bits):
-    w, limit, bits, params = ctx.saved_tensors
-    return weight_dropout_backward(grad_out, w, limit, bits, params, ctx.backend, ctx.mask), None, None, None, None
+    w, limit, bits, params, dseed = ctx.saved_tensors
+    grad = weight_dropout_backward(grad_out, w, limit, bits, params, ctx.backend, ctx.mask, dseed)
+    return grad, None, None, None, None, None
 
 
 _weight_dropout_op.register_autograd(_weight_backward, setup_context=_weight_setup_context)
 
 
 # ---- N:M targeting -----------------------------------------------------------------------
-def _nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: str) -> tuple[Tensor, Tensor]:
+def _nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: str,
+                dseed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(out, bits)`` of SPEC section 11."""
     seed, D, origin, row_stride = _unpack(params, NM_PARAMS)
+    seed = _seed(seed, dseed, w)
     want_bits = _wants_bits(mask)
     F = _fan_in(w)
     if w.numel() == 0:
@@ -166,13 +194,14 @@ _nm_dropout_op = torch.library.custom_op("td_kernels::nm_dropout", _nm_dropout, 
 
 
 @_nm_dropout_op.register_fake
-def _(w, params, n, m, backend, mask):
+def _(w, params, n, m, backend, mask, dseed=None):
     return _fake_out(w), _fake_bits(w, mask)
 
 
 def _nm_dropout_backward(grad: Tensor, w: Optional[Tensor], bits: Tensor, params: Tensor, n: int, m: int,
-                        backend: str, mask: str) -> Tensor:
+                        backend: str, mask: str, dseed: Optional[Tensor] = None) -> Tensor:
     seed, D, origin, row_stride = _unpack(params, NM_PARAMS)
+    seed = _seed(seed, dseed, grad)
     use_bits = _wants_bits(mask)
     if grad.numel() == 0:
         return grad.clone()
@@ -187,28 +216,29 @@ _nm_dropout_backward_op = torch.library.custom_op("td_kernels::nm_dropout_backwa
 
 
 @_nm_dropout_backward_op.register_fake
-def _(grad, w, bits, params, n, m, backend, mask):
+def _(grad, w, bits, params, n, m, backend, mask, dseed=None):
     return _fake_out(grad)
 
 
 def _nm_setup_context(ctx, inputs, output):
-    w, params, n, m, backend, mask = inputs
+    w, params, n, m, backend, mask, dseed = inputs
     ctx.n, ctx.m, ctx.backend, ctx.mask = n, m, backend, mask
-    ctx.save_for_backward(None if mask == "bits" else w, output[1], params)
+    ctx.save_for_backward(None if mask == "bits" else w, output[1], params, dseed)
 
 
 def _nm_backward(ctx, grad_out, _grad_bits):
-    w, bits, params = ctx.saved_tensors
-    grad = nm_dropout_backward(grad_out, w, bits, params, ctx.n, ctx.m, ctx.backend, ctx.mask)
-    return grad, None, None, None, None, None
+    w, bits, params, dseed = ctx.saved_tensors
+    grad = nm_dropout_backward(grad_out, w, bits, params, ctx.n, ctx.m, ctx.backend, ctx.mask, dseed)
+    return grad, None, None, None, None, None, None
 
 
 _nm_dropout_op.register_autograd(_nm_backward, setup_context=_nm_setup_context)
 
 
 # ---- unit targeting ----------------------------------------------------------------------
-def _unit_dropout(w: Tensor, params: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _unit_dropout(w: Tensor, params: Tensor, backend: str, dseed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     seed, k, D = _unpack(params, UNIT_PARAMS)
+    seed = _seed(seed, dseed, w)
     if w.numel() == 0:
         return w.clone(), torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
     b = resolve(backend, w.device, w.dtype)
@@ -220,7 +250,7 @@ _unit_dropout_op = torch.library.custom_op("td_kernels::unit_dropout", _unit_dro
 
 
 @_unit_dropout_op.register_fake
-def _(w, params, backend):
+def _(w, params, backend, dseed=None):
     return _fake_out(w), w.new_empty((w.shape[0],), dtype=torch.bool)
 
 
@@ -246,7 +276,7 @@ def _unit_setup_context(ctx, inputs, output):
 
 def _unit_backward(ctx, grad_out, _grad_keep):
     (keep,) = ctx.saved_tensors
-    return unit_dropout_backward(grad_out, keep, ctx.backend), None, None
+    return unit_dropout_backward(grad_out, keep, ctx.backend), None, None, None
 
 
 _unit_dropout_op.register_autograd(_unit_backward, setup_context=_unit_setup_context)
@@ -290,35 +320,36 @@ _KINDS = {"weight": (_weight_dropout, _weight_setup_context, _weight_backward),
           "unit": (_unit_dropout, _unit_setup_context, _unit_backward)}
 
 
-def weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str,
-                   limit: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+def weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str, limit: Optional[Tensor] = None,
+                   dseed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(out, limit, bits)`` of weight targeting (op ``td_kernels::weight_dropout``); ``limit``
-    given skips the selection (the sharded path)."""
-    args = (w, params, backend, mask, limit)
+    given skips the selection (the sharded path); ``dseed`` given is the seed (graph-safe path)."""
+    args = (w, params, backend, mask, limit, dseed)
     return _Eager.apply("weight", *args) if _eager(args) else _weight_dropout_op(*args)
 
 
-def nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: str) -> tuple[Tensor, Tensor]:
+def nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: str,
+               dseed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(out, bits)`` of N:M targeting (op ``td_kernels::nm_dropout``)."""
-    args = (w, params, n, m, backend, mask)
+    args = (w, params, n, m, backend, mask, dseed)
     return _Eager.apply("nm", *args) if _eager(args) else _nm_dropout_op(*args)
 
 
-def unit_dropout(w: Tensor, params: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def unit_dropout(w: Tensor, params: Tensor, backend: str, dseed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(out, keep)`` of unit targeting (op ``td_kernels::unit_dropout``)."""
-    args = (w, params, backend)
+    args = (w, params, backend, dseed)
     return _Eager.apply("unit", *args) if _eager(args) else _unit_dropout_op(*args)
 
 
 def weight_dropout_backward(grad: Tensor, w: Optional[Tensor], limit: Tensor, bits: Tensor, params: Tensor,
-                            backend: str, mask: str) -> Tensor:
-    args = (grad, w, limit, bits, params, backend, mask)
+                            backend: str, mask: str, dseed: Optional[Tensor] = None) -> Tensor:
+    args = (grad, w, limit, bits, params, backend, mask, dseed)
     return _weight_dropout_backward(*args) if _eager(args) else _weight_dropout_backward_op(*args)
 
 
 def nm_dropout_backward(grad: Tensor, w: Optional[Tensor], bits: Tensor, params: Tensor, n: int, m: int,
-                        backend: str, mask: str) -> Tensor:
-    args = (grad, w, bits, params, n, m, backend, mask)
+                        backend: str, mask: str, dseed: Optional[Tensor] = None) -> Tensor:
+    args = (grad, w, bits, params, n, m, backend, mask, dseed)
     return _nm_dropout_backward(*args) if _eager(args) else _nm_dropout_backward_op(*args)
 
 

@@ -250,3 +250,19 @@ def test_op_rounds_interleave_and_report_medians(monkeypatch):
     assert calls["n"] == 6
     with pytest.raises(SystemExit):
         tb.main(["--rounds", "0"])
+
+
+def test_variant_providers():
+    """"backend:variant" sets its knob for the call only, runs weight targeting only, and gives the
+    backend's bits (the native CPU kernels ignore the CUDA forward's choice)."""
+    from td_kernels.backends import native
+    from td_kernels.backends.triton import weight_dropout as twd
+    with tb.variant("triton:sampled") as backend:
+        assert backend == "triton" and twd.SELECT == "sampled"
+    assert twd.SELECT == "radix" and native.WEIGHT_FORWARD == "two-pass"
+    assert tb.masks_for("native:fused", "nm") == () and tb.masks_for("native:fused", "weight") == tb.MASKS
+    w = torch.randn(8, 40)
+    out = tb.make_fn("native:fused", "weight", 0.5, 0.5)(w)
+    assert torch.equal(out, tb.make_fn("native", "weight", 0.5, 0.5)(w)) and not torch.equal(out, w)
+    assert native.WEIGHT_FORWARD == "two-pass"
+    assert not any(":" in p for p in tb.provider_names("cpu"))  # the variants are CUDA kernels' choices

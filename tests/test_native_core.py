@@ -58,7 +58,7 @@ def test_cuda_kernels_compile_without_spills(tmp_path):
     for arch in ("sm_80", "sm_90"):
         applies = set(re.findall(r"_applyIN2td\d+(Fam\w+?)ELNS0_3SrcE(\d)EEEvNS0_9ApplyArgsEb' for '" + arch, log))
         assert applies == {(f, str(m)) for f in ("FamF32", "FamF64", "FamF16", "FamBF16") for m in range(4)}, applies
-        for kernel in ("_weight_select", "_unit_norms", "_unit_select"):
+        for kernel in ("_weight_select", "_weight_fused", "_unit_norms", "_unit_select"):
             assert re.search(kernel + r"\w*' for '" + arch, log), f"{kernel} not compiled for {arch}"
 
 

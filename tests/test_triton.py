@@ -269,6 +269,47 @@ def test_weight_hypothesis(U, F, dtype, seed, targ, drop, streamed, data):
         wd.MAX_ONE_PASS_GROUPS, wd.CHUNK_GROUPS, wd.BACKWARD_GROUPS = saved
 
 
+# ---- the sample-bracketed selection (weight_dropout.SELECT = "sampled") ----------------------
+def _sampled_limits(w, k):
+    """The forward's limits with the sampled selection, checked against the reference."""
+    saved, wd.SELECT = wd.SELECT, "sampled"
+    try:
+        out, lim, bits = wd.weight_dropout(w, 3, k, D_HALF, bits=True)
+    finally:
+        wd.SELECT = saved
+    ref_out, ref_lim, ref_bits = R.weight_dropout(w, 3, k, D_HALF, bits=True)
+    assert torch.equal(lim, ref_lim), (lim, ref_lim)
+    assert_bits(out, ref_out)
+    assert torch.equal(bits, ref_bits)
+
+
+@settings(deadline=None, max_examples=12)
+@given(U=st.integers(1, 3), F=st.integers(2, 150), dtype=st.sampled_from(DTYPES), targ=st.floats(0.01, 0.99),
+       data=st.data())
+def test_weight_sampled_select_hypothesis(U, F, dtype, targ, data):
+    """Random rows salted with ties, +-0, inf, NaNs with payloads, subnormals, odd F: every
+    outcome of the sample (rank k at lo, at hi, in the band, outside it) gives the reference's
+    limits and bits."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    w = special_rows(U, F, dtype, gen)
+    _sampled_limits(w, max(1, min(F - 1, R.count(targ, F))))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_sampled_select_misjudged_and_ties(dtype):
+    """Row 0: the sampled positions hold the largest values, so the sample brackets the wrong
+    end and the full radix rounds run; row 1: all but a few values tie (rank k at lo or hi);
+    row 2: two values only."""
+    F = 200
+    w = torch.randn(3, F).abs()
+    pos = (2 * torch.arange(64) + 1) * F // 128
+    w[0, pos] = 1e4 + torch.arange(64.0)
+    w[1] = 0.5
+    w[1, :5] = torch.tensor([0.1, 2.0, 3.0, 0.2, 7.0])
+    w[2] = torch.where(torch.arange(F) % 3 == 0, 1.0, -2.0)
+    _sampled_limits(w.to(dtype).to(DEVICE), 20)
+
+
 # ---- windows (SPEC section 12), given limits, bit masks (section 7) --------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("F,extra,c0", [(8, 0, 0), (8, 8, 4), (13, 6, 3), (40, 24, 5), (67, 1, 1)])

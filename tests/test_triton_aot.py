@@ -12,7 +12,10 @@ for the usual shapes.  Weight forward: for each target every combination of one-
 SELECT on/off, bits on/off and aligned/unaligned Philox rows (16), the dtype rotating so that
 each dtype meets each setting.  N:M: the fast path at m = 2, 4, 16 and the general path at
 m = 3, 9, 15, forward with and without bits and the recompute backward.  Both backwards, the
-unit kernels (norms, the one-program selection, the row select) in every dtype.  Runtime
+unit kernels (norms, the one-program selection, the row select) in every dtype.  The graph-safe
+seed (``SEED_PTR``: the seed loaded from a device tensor): the weight forward and recompute
+backward, the N:M forward and the unit selection once each per target; the sample-bracketed
+selection (``SAMPLED``) in each dtype.  Runtime
 branches (none of the above is one) compile with their kernel.
 
 All compiles run once per session in ONE fresh process (this one may be running the
@@ -40,7 +43,7 @@ def variants():
 
     def types(dt, bits_dt="i32", **extra):
         t = {"w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "limit_ptr": "*i32",
-             "bits_ptr": f"*{bits_dt}", "norm_ptr": "*fp32", "keep_ptr": "*u8"}
+             "bits_ptr": f"*{bits_dt}", "norm_ptr": "*fp32", "keep_ptr": "*u8", "seed_ptr": "*i64"}
         t.update({a: "i64" for a in I64})
         t.update(extra)
         return t
@@ -60,12 +63,13 @@ def variants():
                                 f"-bits{int(bits)}-aligned{int(aligned)}-{dt}-sm{cc}")
                         out.append((name, "weight_dropout", "_weight_dropout_kernel",
                                     types(dt, "i32" if bits else dt),
-                                    dict(SELECT=select, ONE_PASS=one_pass, BITS=bits, ALIGNED=aligned, BLOCK_G=bg),
+                                    dict(SELECT=select, ONE_PASS=one_pass, BITS=bits, ALIGNED=aligned, BLOCK_G=bg,
+                                         SEED_PTR=False),
                                     nw))
         for i, dt in enumerate(DTYPES):
             bg = wd.BACKWARD_GROUPS
             out.append((f"weight_bwd_recompute-aligned{i % 2}-{dt}-sm{cc}", "weight_dropout",
-                        "_weight_dropout_backward_kernel", types(dt), dict(ALIGNED=i % 2 == 1, BLOCK_G=bg),
+                        "_weight_dropout_backward_kernel", types(dt), dict(ALIGNED=i % 2 == 1, BLOCK_G=bg, SEED_PTR=False),
                         c.num_warps(4 * bg)))
             rows = c.BITS_TILE // (32 * c.BITS_BLOCK_W)
             out.append((f"bits_bwd-{dt}-sm{cc}", "_common", "_bits_backward_kernel", types(dt),
@@ -76,7 +80,8 @@ def variants():
                         dict(BLOCK=ud.ROWS_BLOCK), c.num_warps(ud.ROWS_BLOCK)))
         for select in (True, False):
             out.append((f"unit_keep-select{int(select)}-sm{cc}", "unit_dropout", "_unit_keep_kernel",
-                        types("fp32"), dict(SELECT=select, BLOCK_G=ud.KEEP_GROUPS), c.num_warps(4 * ud.KEEP_GROUPS)))
+                        types("fp32"), dict(SELECT=select, BLOCK_G=ud.KEEP_GROUPS, SEED_PTR=False),
+                        c.num_warps(4 * ud.KEEP_GROUPS)))
         # N:M: (n, m, backward, bits, aligned, dtype)
         for i, (n, m, backward, bits) in enumerate([(1, 2, False, True), (2, 4, False, True), (2, 4, True, False),
                                                     (8, 16, False, True), (8, 16, True, False), (3, 4, False, False),
@@ -89,7 +94,27 @@ def variants():
             out.append((f"nm_{path}-{n}of{m}-{kind}-aligned{i % 2}-{dt}-sm{cc}", "nm_dropout", "_nm_kernel",
                         types(dt, "i32" if bits else dt),
                         dict(N=n, M=m, BACKWARD=backward, BITS=bits, POW2=path == "fast", ALIGNED=i % 2 == 1,
-                             BLOCK_G=bg), c.num_warps(4 * bg)))
+                             BLOCK_G=bg, SEED_PTR=False), c.num_warps(4 * bg)))
+        # the graph-safe seed (SEED_PTR: loaded from a device tensor): each kernel that draws once
+        dt = DTYPES[cc // 10 % 3]
+        bg = wd.MAX_ONE_PASS_GROUPS
+        out.append((f"graphseed-weight_fwd-{dt}-sm{cc}", "weight_dropout", "_weight_dropout_kernel", types(dt),
+                     dict(SELECT=True, ONE_PASS=True, BITS=True, ALIGNED=True, BLOCK_G=bg, SEED_PTR=True),
+                     wd.forward_warps(True, bg)))
+        out.append((f"graphseed-weight_bwd_recompute-{dt}-sm{cc}", "weight_dropout", "_weight_dropout_backward_kernel",
+                    types(dt), dict(ALIGNED=True, BLOCK_G=wd.BACKWARD_GROUPS, SEED_PTR=True),
+                    c.num_warps(4 * wd.BACKWARD_GROUPS)))
+        out.append((f"graphseed-nm_fast-2of4-{dt}-sm{cc}", "nm_dropout", "_nm_kernel", types(dt),
+                    dict(N=2, M=4, BACKWARD=False, BITS=True, POW2=True, ALIGNED=True, BLOCK_G=nd.NM_GROUPS,
+                         SEED_PTR=True), c.num_warps(4 * nd.NM_GROUPS)))
+        # the sample-bracketed selection (weight_dropout.SELECT = "sampled"): one-pass rows only
+        for dt in DTYPES:
+            bg = wd.MAX_ONE_PASS_GROUPS
+            out.append((f"sampled-weight_fwd-{dt}-sm{cc}", "weight_dropout", "_weight_dropout_kernel", types(dt),
+                        dict(SELECT=True, ONE_PASS=True, BITS=True, ALIGNED=True, BLOCK_G=bg, SEED_PTR=False,
+                             SAMPLED=True), wd.forward_warps(True, bg)))
+        out.append((f"graphseed-unit_keep-sm{cc}", "unit_dropout", "_unit_keep_kernel", types("fp32"),
+                    dict(SELECT=True, BLOCK_G=ud.KEEP_GROUPS, SEED_PTR=True), c.num_warps(4 * ud.KEEP_GROUPS)))
     return out
 
 
@@ -226,6 +251,8 @@ def test_every_setting_is_compiled():
         for part in ("nm_fast", "nm_general", "-bwd-", "-fwd-bits0-", "-fwd-bits1-", "aligned0", "aligned1"):
             assert any(n.startswith("nm_") and part in n for n in mine), (part, cc)
         assert {"unit_keep-select0", "unit_keep-select1"} <= {n.rsplit("-", 1)[0] for n in mine}
+        assert len([n for n in mine if n.startswith("graphseed-")]) == 4  # SEED_PTR: the graph-safe seed
+        assert {n.split("-")[2] for n in mine if n.startswith("sampled-")} == set(DTYPES)
 
 
 def test_norm_kernel_ptx_uses_ieee_float64_sqrt(compiled):

@@ -300,7 +300,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_dropout_cpu(const at::Tens
                                                                   int64_t drop_threshold, int64_t origin,
                                                                   int64_t row_stride,
                                                                   const std::optional<at::Tensor>& limit,
-                                                                  bool bits) {
+                                                                  bool bits, const std::optional<at::Tensor>& dseed,
+                                                                  bool /*fused: a CUDA kernel choice*/) {
+  seed = cpu_seed(seed, dseed, w);
   check_weight_dropout(w, seed, k, drop_threshold, origin, row_stride, limit, c10::kCPU);
   at::Tensor out = new_output(w);
   at::Tensor lim = at::empty({w.size(0)}, w.options().dtype(at::kInt));
@@ -320,7 +322,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_dropout_cpu(const at::Tens
 
 at::Tensor weight_dropout_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& w,
                                        const std::optional<at::Tensor>& limit, int64_t seed, int64_t drop_threshold,
-                                       int64_t origin, int64_t row_stride, const std::optional<at::Tensor>& bits) {
+                                       int64_t origin, int64_t row_stride, const std::optional<at::Tensor>& bits,
+                                       const std::optional<at::Tensor>& dseed) {
+  seed = cpu_seed(seed, dseed, grad);
   check_weight_dropout_backward(grad, w, limit, bits, seed, drop_threshold, origin, row_stride, c10::kCPU);
   at::Tensor out = new_output(grad);
   if (grad.numel() == 0) return out;
@@ -335,7 +339,8 @@ at::Tensor weight_dropout_backward_cpu(const at::Tensor& grad, const std::option
 
 std::tuple<at::Tensor, at::Tensor> nm_dropout_cpu(const at::Tensor& w, int64_t seed, int64_t n, int64_t m,
                                                   int64_t drop_threshold, int64_t origin, int64_t row_stride,
-                                                  bool bits) {
+                                                  bool bits, const std::optional<at::Tensor>& dseed) {
+  seed = cpu_seed(seed, dseed, w);
   check_nm_dropout(w, seed, n, m, drop_threshold, origin, row_stride, c10::kCPU);
   at::Tensor out = new_output(w);
   at::Tensor bt = new_bits(w, bits);
@@ -350,7 +355,8 @@ std::tuple<at::Tensor, at::Tensor> nm_dropout_cpu(const at::Tensor& w, int64_t s
 
 at::Tensor nm_dropout_backward_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& w, int64_t seed,
                                    int64_t n, int64_t m, int64_t drop_threshold, int64_t origin, int64_t row_stride,
-                                   const std::optional<at::Tensor>& bits) {
+                                   const std::optional<at::Tensor>& bits, const std::optional<at::Tensor>& dseed) {
+  seed = cpu_seed(seed, dseed, grad);
   check_nm_dropout_backward(grad, w, bits, seed, n, m, drop_threshold, origin, row_stride, c10::kCPU);
   at::Tensor out = new_output(grad);
   if (grad.numel() == 0) return out;
@@ -364,7 +370,8 @@ at::Tensor nm_dropout_backward_cpu(const at::Tensor& grad, const std::optional<a
 }
 
 std::tuple<at::Tensor, at::Tensor> unit_dropout_cpu(const at::Tensor& w, int64_t seed, int64_t k,
-                                                    int64_t drop_threshold) {
+                                                    int64_t drop_threshold, const std::optional<at::Tensor>& dseed) {
+  seed = cpu_seed(seed, dseed, w);
   check_unit_dropout(w, seed, k, drop_threshold, c10::kCPU);
   const int64_t U = w.size(0), F = w.size(1);
   at::Tensor out = new_output(w);

@@ -85,13 +85,12 @@ __device__ K block_radix_select(uint32_t k, ForEach for_each, SelectSmem& sm) {
     for (int i = threadIdx.x; i < td::kRadixBins; i += kThreads) sm.hist[i] = 0;
     __syncthreads();
     for_each([&](K v) {
-      if ((v >> prev) == prefix) atomicAdd(&sm.hist[td::radix_digit(v, shift)], 1u);
+      if (td::radix_survives(v, prefix, prev)) atomicAdd(&sm.hist[td::radix_digit(v, shift)], 1u);
     });
     __syncthreads();
     block_pick_bin(sm, k);
     __syncthreads();
-    const int fixed = prev - shift;  // new bits fixed by this pass (the digit may overlap)
-    prefix = (prefix << fixed) | (K)(sm.bin & ((1u << fixed) - 1u));
+    prefix = td::radix_extend_prefix(prefix, prev, shift, sm.bin);  // the digit may overlap
     k = sm.k;
     prev = shift;
   }
@@ -179,8 +178,14 @@ struct ApplyArgs {
   int64_t U, F;
   td::Window win;
   uint64_t seed, D;
+  const int64_t* seed_ptr;  // the seed on the device (graph-safe seed), or null: use `seed`
   int n, m;                // kNM
 };
+
+// The seed a kernel uses: read on the device when the launch got a pointer to it.
+__device__ __forceinline__ uint64_t seed_of(uint64_t seed, const int64_t* seed_ptr) {
+  return seed_ptr != nullptr ? (uint64_t)__ldg(seed_ptr) : seed;
+}
 
 // The V = 16 / sizeof(S) columns [j, j + V) of a row (nvalid of them inside it): one 16-byte
 // access when the whole vector is inside and aligned, else element by element.
@@ -270,7 +275,9 @@ __global__ void __launch_bounds__(kThreads) _apply(ApplyArgs a, bool aligned) {
         cand &= valid;
         uint32_t lt = a.D >= (uint64_t(1) << 32) ? ~0u : 0u;  // D = 2**32: every word is below D
         if (cand != 0 && a.D > 0 && a.D < (uint64_t(1) << 32))
-          lt = td::below_bits(a.seed, td::row_start(a.win, u) + (uint64_t)j, V, a.D);
+          // the seed read where it is used (an L1 hit after the first): hoisted out of the
+          // loop it held two more registers and _apply<FamF16, kNM> spilled on sm_90
+          lt = td::below_bits(seed_of(a.seed, a.seed_ptr), td::row_start(a.win, u) + (uint64_t)j, V, a.D);
         drop = cand & lt;
       }
 #pragma unroll
@@ -284,6 +291,83 @@ __global__ void __launch_bounds__(kThreads) _apply(ApplyArgs a, bool aligned) {
       for (int o = 1; o < G; o <<= 1) word |= __shfl_xor_sync(0xFFFFFFFFu, word, o);
       if (lane % G == 0 && j < F) a.bits_out[u * W + (j >> 5)] = word;
     }
+  }
+}
+
+// ---- weight forward, fused: select and apply in one kernel, the row in shared memory --------
+// One 256-thread block per row (grid-stride over rows), for rows of at most kFusedRowBytes:
+//   1. the row is read from global memory ONCE (16-byte loads where aligned) into shared memory;
+//   2. block_radix_select runs its passes (3 for 31-bit rank values, 2 for 15-bit) over the
+//      row in shared memory -> limit[u] = key(t) - 1;
+//   3. each warp applies 32 * V columns per step from shared memory (keys <= limit, Philox
+//      words below D, as _apply<kKeys>), writing out (16-byte stores where aligned) and the
+//      mask words (one writer per word, as _apply).
+// Traffic per element: 1 read + 1 write of w (+ 1 bit with bits), against _weight_select +
+// _apply's 2 reads (the second mostly from L2) + 1 write. Fewer blocks in flight per SM (the
+// row's shared memory) is the price; which is faster is the GPU's to measure
+// (td_cuda::WeightForward, the benchmark's "native:fused").
+constexpr int64_t kFusedRowBytes = 32 * 1024;  // + SelectSmem (8.2 KB): under the 48 KB default
+
+template <class Fm>
+__global__ void __launch_bounds__(kThreads) _weight_fused(ApplyArgs a, int32_t* __restrict__ limit, uint32_t k,
+                                                           bool aligned) {
+  using S = typename Fm::S;
+  constexpr int V = 16 / (int)sizeof(S);
+  extern __shared__ uint4 srow4[];  // the row, ceil(F / V) 16-byte vectors
+  __shared__ SelectSmem sm;
+  const S* srow = reinterpret_cast<const S*>(srow4);
+  const int64_t F = a.F, W = td::bits_words(F);
+  const int lane = threadIdx.x & 31;
+  constexpr int G = 32 / V;  // lanes per mask word
+  for (int64_t u = blockIdx.x; u < a.U; u += gridDim.x) {
+    const S* row = static_cast<const S*>(a.val) + u * F;
+    if (aligned) {
+      const uint4* r4 = reinterpret_cast<const uint4*>(row);
+      for (int64_t i = threadIdx.x; i < F / V; i += kThreads) srow4[i] = __ldg(r4 + i);
+    } else {
+      S* dst = reinterpret_cast<S*>(srow4);
+      for (int64_t i = threadIdx.x; i < F; i += kThreads) dst[i] = row[i];
+    }
+    __syncthreads();
+    const uint32_t t = block_radix_select<Fm::kBits, uint32_t>(
+        k, [&](auto g) { for (int64_t i = threadIdx.x; i < F; i += kThreads) g(Fm::rv(srow[i])); }, sm);
+    const int64_t lim = td::limit_from_threshold_key(Fm::key_from_rv(t));
+    if (threadIdx.x == 0) limit[u] = (int32_t)lim;
+    S* orow = static_cast<S*>(a.out) + u * F;
+    for (int64_t j = (int64_t)(threadIdx.x >> 5) * 32 * V + (int64_t)lane * V; j - lane * V < F;
+         j += (int64_t)kThreads * V) {  // warp-uniform bound: every lane takes part in the shuffles
+      const int nvalid = F - j >= V ? V : (F > j ? (int)(F - j) : 0);
+      const uint32_t valid = (1u << nvalid) - 1u;
+      uint32_t drop = 0;
+      if (nvalid > 0) {
+        S v[V];
+        if (nvalid == V) {
+          unpack16(srow4[j / V], v);  // j is a multiple of V: an aligned shared-memory vector
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) v[i] = i < nvalid ? srow[j + i] : S(0);
+        }
+        uint32_t cand = 0;
+#pragma unroll
+        for (int i = 0; i < V; ++i) cand |= (uint32_t)((int64_t)Fm::key(v[i]) <= lim) << i;
+        cand &= valid;
+        uint32_t lt = a.D >= (uint64_t(1) << 32) ? ~0u : 0u;
+        if (cand != 0 && a.D > 0 && a.D < (uint64_t(1) << 32))
+          lt = td::below_bits(seed_of(a.seed, a.seed_ptr), td::row_start(a.win, u) + (uint64_t)j, V, a.D);
+        drop = cand & lt;
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+          if ((drop >> i) & 1u) v[i] = S(0);
+        store_cols(orow, j, nvalid, aligned, v);
+      }
+      if (a.bits_out != nullptr) {
+        uint32_t word = (~drop & valid) << (j & 31);
+#pragma unroll
+        for (int o = 1; o < G; o <<= 1) word |= __shfl_xor_sync(0xFFFFFFFFu, word, o);
+        if (lane % G == 0 && j < F) a.bits_out[u * W + (j >> 5)] = word;
+      }
+    }
+    __syncthreads();  // the row and sm are reused by the next row
   }
 }
 
@@ -319,7 +403,9 @@ __global__ void __launch_bounds__(kThreads) _unit_norms(const typename Fm::S* __
 // keep[u] = not (norm key below the rank-k key, and word(u) < D); one block.
 template <class Norm>
 __global__ void __launch_bounds__(kThreads) _unit_select(const Norm* __restrict__ norms, bool* __restrict__ keep,
-                                                          int64_t U, int64_t k, uint64_t seed, uint64_t D) {
+                                                          int64_t U, int64_t k, uint64_t seed,
+                                                          const int64_t* __restrict__ seed_ptr, uint64_t D) {
+  seed = seed_of(seed, seed_ptr);
   using K = decltype(td::norm_key(Norm(0)));
   constexpr int kBits = sizeof(K) == 4 ? 31 : 63;
   __shared__ SelectSmem sm;
@@ -369,8 +455,8 @@ __global__ void _fill_i32(int32_t* p, int64_t n, int32_t v) {
     p[i] = v;
 }
 
-ApplyArgs args(const void* wk, const void* val, void* out, int64_t U, int64_t F, uint64_t seed, uint64_t D,
-               td::Window win) {
+ApplyArgs args(const void* wk, const void* val, void* out, int64_t U, int64_t F, uint64_t seed,
+               const int64_t* seed_ptr, uint64_t D, td::Window win) {
   ApplyArgs a{};
   a.wk = wk;
   a.val = val;
@@ -378,6 +464,7 @@ ApplyArgs args(const void* wk, const void* val, void* out, int64_t U, int64_t F,
   a.U = U;
   a.F = F;
   a.seed = seed;
+  a.seed_ptr = seed_ptr;
   a.D = D;
   a.win = win;
   return a;
@@ -385,33 +472,42 @@ ApplyArgs args(const void* wk, const void* val, void* out, int64_t U, int64_t F,
 
 template <class Fm>
 cudaError_t weight_dropout_t(const void* w, void* out, int32_t* limit, bool limit_given, uint32_t* bits, int64_t U,
-                             int64_t F, int64_t k, uint64_t seed, uint64_t D, td::Window win, cudaStream_t stream) {
+                             int64_t F, int64_t k, uint64_t seed, const int64_t* seed_ptr, uint64_t D, td::Window win,
+                             WeightForward variant, cudaStream_t stream) {
   if (!limit_given && (k == 0 || k == F)) {  // SPEC: no candidate / every element: no selection
     _fill_i32<<<grid_for(U), kThreads, 0, stream>>>(limit, U, k == 0 ? -1 : (int32_t)td::kKeyMax);
-  } else if (!limit_given) {
-    constexpr int V = 16 / (int)sizeof(typename Fm::S);
+  }
+  constexpr int V = 16 / (int)sizeof(typename Fm::S);
+  ApplyArgs a = args(w, w, out, U, F, seed, seed_ptr, D, win);
+  a.limit = limit;
+  a.bits_out = bits;
+  const int64_t row_bytes = (F + V - 1) / V * 16;
+  if (!limit_given && k > 0 && k < F && variant == WeightForward::kFused && row_bytes <= kFusedRowBytes) {
+    const bool al = aligned16(w) && aligned16(out) && F % V == 0;
+    _weight_fused<Fm><<<grid_rows(U), kThreads, (size_t)row_bytes, stream>>>(a, limit, (uint32_t)k, al);
+    TD_LAUNCH_CHECK();
+    return cudaSuccess;
+  }
+  if (!limit_given && k > 0 && k < F) {
     const bool al = aligned16(w) && F % V == 0;
     _weight_select<Fm><<<grid_rows(U), kThreads, 0, stream>>>((const typename Fm::S*)w, limit, U, F, (uint32_t)k, al);
   }
   TD_LAUNCH_CHECK();
-  ApplyArgs a = args(w, w, out, U, F, seed, D, win);
-  a.limit = limit;
-  a.bits_out = bits;
   return launch_apply<Fm, Src::kKeys>(a, stream);
 }
 
 template <class Fm>
 cudaError_t unit_dropout_t(const void* w, void* out, bool* keep, void* norms, int64_t U, int64_t F, int64_t k,
-                           uint64_t seed, uint64_t D, cudaStream_t stream) {
+                           uint64_t seed, const int64_t* seed_ptr, uint64_t D, cudaStream_t stream) {
   using Norm = typename Fm::Norm;
   constexpr int V = 16 / (int)sizeof(typename Fm::S);
   _unit_norms<Fm><<<grid_rows(U), kThreads, 0, stream>>>((const typename Fm::S*)w, (Norm*)norms, U, F,
                                                           aligned16(w) && F % V == 0);
   TD_LAUNCH_CHECK();
-  _unit_select<Norm><<<1, kThreads, 0, stream>>>((const Norm*)norms, keep, U, k, seed, D);
+  _unit_select<Norm><<<1, kThreads, 0, stream>>>((const Norm*)norms, keep, U, k, seed, seed_ptr, D);
   TD_LAUNCH_CHECK();
   if (U * F == 0) return cudaSuccess;
-  ApplyArgs a = args(w, w, out, U, F, 0, 0, td::Window{0, (uint64_t)F});
+  ApplyArgs a = args(w, w, out, U, F, 0, nullptr, 0, td::Window{0, (uint64_t)F});
   a.keep = keep;
   return launch_apply<Fm, Src::kRows>(a, stream);
 }
@@ -430,21 +526,22 @@ cudaError_t dispatch(DType dt, Fn&& fn) {
 }  // namespace
 
 cudaError_t weight_dropout(DType dt, const void* w, void* out, int32_t* limit, bool limit_given, uint32_t* bits,
-                           int64_t U, int64_t F, int64_t k, uint64_t seed, uint64_t D, td::Window win,
-                           cudaStream_t stream) {
+                           int64_t U, int64_t F, int64_t k, uint64_t seed, const int64_t* seed_ptr, uint64_t D,
+                           td::Window win, WeightForward variant, cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    return weight_dropout_t<decltype(fam)>(w, out, limit, limit_given, bits, U, F, k, seed, D, win, stream);
+    return weight_dropout_t<decltype(fam)>(w, out, limit, limit_given, bits, U, F, k, seed, seed_ptr, D, win,
+                                           variant, stream);
   });
 }
 
 cudaError_t weight_dropout_backward(DType dt, const void* grad, const void* w, const int32_t* limit,
-                                    const uint32_t* bits, void* out, int64_t U, int64_t F, uint64_t seed, uint64_t D,
-                                    td::Window win, cudaStream_t stream) {
+                                    const uint32_t* bits, void* out, int64_t U, int64_t F, uint64_t seed,
+                                    const int64_t* seed_ptr, uint64_t D, td::Window win, cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
     using Fm = decltype(fam);
-    ApplyArgs a = args(w, grad, out, U, F, seed, D, win);
+    ApplyArgs a = args(w, grad, out, U, F, seed, seed_ptr, D, win);
     a.limit = limit;
     a.bits_in = bits;
     return bits ? launch_apply<Fm, Src::kBits>(a, stream) : launch_apply<Fm, Src::kKeys>(a, stream);
@@ -452,10 +549,10 @@ cudaError_t weight_dropout_backward(DType dt, const void* grad, const void* w, c
 }
 
 cudaError_t nm_dropout(DType dt, const void* w, void* out, uint32_t* bits, int64_t U, int64_t F, int n, int m,
-                       uint64_t seed, uint64_t D, td::Window win, cudaStream_t stream) {
+                       uint64_t seed, const int64_t* seed_ptr, uint64_t D, td::Window win, cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    ApplyArgs a = args(w, w, out, U, F, seed, D, win);
+    ApplyArgs a = args(w, w, out, U, F, seed, seed_ptr, D, win);
     a.bits_out = bits;
     a.n = n;
     a.m = m;
@@ -464,12 +561,12 @@ cudaError_t nm_dropout(DType dt, const void* w, void* out, uint32_t* bits, int64
 }
 
 cudaError_t nm_dropout_backward(DType dt, const void* grad, const void* w, const uint32_t* bits, void* out,
-                                int64_t U, int64_t F, int n, int m, uint64_t seed, uint64_t D, td::Window win,
-                                cudaStream_t stream) {
+                                int64_t U, int64_t F, int n, int m, uint64_t seed, const int64_t* seed_ptr,
+                                uint64_t D, td::Window win, cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
     using Fm = decltype(fam);
-    ApplyArgs a = args(w, grad, out, U, F, seed, D, win);
+    ApplyArgs a = args(w, grad, out, U, F, seed, seed_ptr, D, win);
     a.bits_in = bits;
     a.n = n;
     a.m = m;
@@ -478,10 +575,10 @@ cudaError_t nm_dropout_backward(DType dt, const void* grad, const void* w, const
 }
 
 cudaError_t unit_dropout(DType dt, const void* w, void* out, bool* keep, void* norms, int64_t U, int64_t F,
-                         int64_t k, uint64_t seed, uint64_t D, cudaStream_t stream) {
+                         int64_t k, uint64_t seed, const int64_t* seed_ptr, uint64_t D, cudaStream_t stream) {
   if (U == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    return unit_dropout_t<decltype(fam)>(w, out, keep, norms, U, F, k, seed, D, stream);
+    return unit_dropout_t<decltype(fam)>(w, out, keep, norms, U, F, k, seed, seed_ptr, D, stream);
   });
 }
 
@@ -489,7 +586,7 @@ cudaError_t unit_dropout_backward(DType dt, const void* grad, const bool* keep, 
                                   cudaStream_t stream) {
   if (U * F == 0) return cudaSuccess;
   return dispatch(dt, [&](auto fam) {
-    ApplyArgs a = args(grad, grad, out, U, F, 0, 0, td::Window{0, (uint64_t)F});
+    ApplyArgs a = args(grad, grad, out, U, F, 0, nullptr, 0, td::Window{0, (uint64_t)F});
     a.keep = keep;
     return launch_apply<decltype(fam), Src::kRows>(a, stream);
   });

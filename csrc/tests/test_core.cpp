@@ -180,6 +180,60 @@ static void test_select() {
 }
 
 // the vector paths this CPU can run, portable first
+// The CUDA block select (block_radix_select: _weight_select, _weight_fused, _unit_select) as a
+// sequential model: its passes, survivor test and prefix steps are td_core.h's; its bin pick
+// is a block-wide scan with radix_pick_bin's result. Against nth_element, 15-, 31- and 63-bit
+// values, ties and narrow ranges (several passes that matter, the overlapping last digit).
+template <typename K>
+static K block_select_model(const std::vector<K>& v, uint64_t k, int bits) {
+  K prefix = 0;
+  int prev = bits;
+  for (int shift = td::radix_first_shift(bits); shift >= 0; shift = td::radix_next_shift(shift)) {
+    std::vector<uint32_t> hist(td::kRadixBins, 0);
+    for (K x : v)
+      if (td::radix_survives(x, prefix, prev)) ++hist[td::radix_digit(x, shift)];
+    uint64_t k_in_bin;
+    const uint32_t bin = td::radix_pick_bin(hist.data(), k, &k_in_bin);
+    prefix = td::radix_extend_prefix(prefix, prev, shift, bin);
+    k = k_in_bin;
+    prev = shift;
+  }
+  return prefix;
+}
+
+static void test_block_select_model() {
+  std::mt19937_64 g(17);
+  for (int bits : {15, 31, 63}) {
+    for (int style = 0; style < 4; ++style) {
+      const int64_t n = 1 + (int64_t)(g() % 3000);
+      const uint64_t mask = bits == 63 ? 0x7FFFFFFFFFFFFFFFull : ((uint64_t(1) << bits) - 1);
+      std::vector<uint64_t> v(n);
+      const uint64_t base = g() & mask;
+      for (auto& x : v) {
+        const uint64_t r = g();
+        x = style == 0 ? r & mask                                   // anywhere
+            : style == 1 ? (base & ~uint64_t(0x3FF)) | (r & 0x3FF)  // one narrow range: the low passes decide
+            : style == 2 ? (r % 4) * (mask / 3)                     // 4 values, many ties
+                         : (base ^ (r & 0x7)) & mask;               // 8 values near the top bits
+      }
+      for (int t = 0; t < 8; ++t) {
+        const uint64_t k = g() % (uint64_t)n;
+        std::vector<uint64_t> s = v;
+        std::nth_element(s.begin(), s.begin() + (int64_t)k, s.end());
+        uint64_t got;
+        if (bits == 63) {
+          got = block_select_model<uint64_t>(v, k, bits);
+        } else {
+          std::vector<uint32_t> v32(v.begin(), v.end());
+          got = block_select_model<uint32_t>(v32, k, bits);
+        }
+        EXPECT(got == s[k], "bits %d style %d n %lld k %llu: %llu != %llu\n", bits, style, (long long)n,
+               (unsigned long long)k, (unsigned long long)got, (unsigned long long)s[k]);
+      }
+    }
+  }
+}
+
 static std::vector<td::Simd> simd_levels() {
   std::vector<td::Simd> v{td::Simd::kNone};
 #if TD_HAVE_AVX2_PATH
@@ -431,6 +485,7 @@ int main() {
   test_drop_decision();
   test_keys();
   test_select();
+  test_block_select_model();
   test_below_bits();
   test_bit_helpers();
   test_nm_ranks();

@@ -32,9 +32,29 @@ BUILD_INFO: str = _C.BUILD_INFO  # e.g. "cpu: x86-64 (gcc 12.2), AVX2 ...; cuda:
 _ops = torch.ops.td_kernels_native
 
 
+# How the CUDA weight forward selects (read at each launch; the benchmark's provider
+# "native:fused" sets it): "two-pass" = a select kernel then the apply kernel (W read twice, the
+# second mostly from L2); "fused" = one kernel with the row in shared memory (W read once; rows
+# of up to 32 KB, longer ones take "two-pass"). Same bits either way; the CPU ignores it.
+WEIGHT_FORWARDS = ("two-pass", "fused")
+WEIGHT_FORWARD = "two-pass"
+
+
+def check_weight_forward(v) -> str:
+    if v not in WEIGHT_FORWARDS:
+        raise ValueError(f"native.WEIGHT_FORWARD must be one of {WEIGHT_FORWARDS}, got {v!r}")
+    return v
+
+
 def _window_args(window, U: int, F: int) -> tuple[int, int]:
     """(origin, row_stride) of a checked window (reference.check_window's errors)."""
     return tuple(check_window(window, U, F))
+
+
+def _seed(seed):
+    """``(seed, dseed)`` op arguments: an int, or the graph-safe seed tensor, which the kernels
+    read on its device (the registry's launcher contract)."""
+    return (0, seed) if isinstance(seed, torch.Tensor) else (seed, None)
 
 
 def _bits_or_none(bits):
@@ -43,30 +63,36 @@ def _bits_or_none(bits):
 
 def weight_dropout(w2d, seed: int, k: int, drop_threshold: int, *, window=None, limit=None, bits=False):
     U, F = w2d.shape
-    out, lim, b = _ops.weight_dropout(w2d, seed, k, drop_threshold, *_window_args(window, U, F), limit, bool(bits))
+    s, dseed = _seed(seed)
+    out, lim, b = _ops.weight_dropout(w2d, s, k, drop_threshold, *_window_args(window, U, F), limit, bool(bits), dseed,
+                                      check_weight_forward(WEIGHT_FORWARD) == "fused")
     return out, lim, _bits_or_none(b)
 
 
 def weight_dropout_backward(grad2d, w2d, limit, seed: int, drop_threshold: int, *, window=None, bits=None):
     U, F = grad2d.shape
-    return _ops.weight_dropout_backward(grad2d, w2d, limit, seed, drop_threshold, *_window_args(window, U, F), bits)
+    s, dseed = _seed(seed)
+    return _ops.weight_dropout_backward(grad2d, w2d, limit, s, drop_threshold, *_window_args(window, U, F), bits, dseed)
 
 
 def nm_dropout(w2d, seed: int, n: int, m: int, drop_threshold: int, *, window=None, bits=False):
     U, F = w2d.shape
     check_nm(n, m, F)
-    out, b = _ops.nm_dropout(w2d, seed, n, m, drop_threshold, *_window_args(window, U, F), bool(bits))
+    s, dseed = _seed(seed)
+    out, b = _ops.nm_dropout(w2d, s, n, m, drop_threshold, *_window_args(window, U, F), bool(bits), dseed)
     return out, _bits_or_none(b)
 
 
 def nm_dropout_backward(grad2d, w2d, seed: int, n: int, m: int, drop_threshold: int, *, window=None, bits=None):
     U, F = grad2d.shape
     check_nm(n, m, F)
-    return _ops.nm_dropout_backward(grad2d, w2d, seed, n, m, drop_threshold, *_window_args(window, U, F), bits)
+    s, dseed = _seed(seed)
+    return _ops.nm_dropout_backward(grad2d, w2d, s, n, m, drop_threshold, *_window_args(window, U, F), bits, dseed)
 
 
 def unit_dropout(w2d, seed: int, k: int, drop_threshold: int):
-    return _ops.unit_dropout(w2d, seed, k, drop_threshold)
+    s, dseed = _seed(seed)
+    return _ops.unit_dropout(w2d, s, k, drop_threshold, dseed)
 
 
 def unit_dropout_backward(grad2d, keep):
@@ -80,27 +106,27 @@ def _fake_bits(w, bits: bool):
 
 
 @torch.library.register_fake("td_kernels_native::weight_dropout")
-def _(w, seed, k, drop_threshold, origin, row_stride, limit, bits):
+def _(w, seed, k, drop_threshold, origin, row_stride, limit, bits, dseed=None, fused=False):
     return torch.empty_like(w), w.new_empty((w.shape[0],), dtype=torch.int32), _fake_bits(w, bits)
 
 
 @torch.library.register_fake("td_kernels_native::weight_dropout_backward")
-def _(grad, w, limit, seed, drop_threshold, origin, row_stride, bits):
+def _(grad, w, limit, seed, drop_threshold, origin, row_stride, bits, dseed=None):
     return torch.empty_like(grad)
 
 
 @torch.library.register_fake("td_kernels_native::nm_dropout")
-def _(w, seed, n, m, drop_threshold, origin, row_stride, bits):
+def _(w, seed, n, m, drop_threshold, origin, row_stride, bits, dseed=None):
     return torch.empty_like(w), _fake_bits(w, bits)
 
 
 @torch.library.register_fake("td_kernels_native::nm_dropout_backward")
-def _(grad, w, seed, n, m, drop_threshold, origin, row_stride, bits):
+def _(grad, w, seed, n, m, drop_threshold, origin, row_stride, bits, dseed=None):
     return torch.empty_like(grad)
 
 
 @torch.library.register_fake("td_kernels_native::unit_dropout")
-def _(w, seed, k, drop_threshold):
+def _(w, seed, k, drop_threshold, dseed=None):
     return torch.empty_like(w), w.new_empty((w.shape[0],), dtype=torch.bool)
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import api, ops, reference
-from .._params import _check_rate, _fan_in, _is_dtensor, _seed_tensor
+from .._params import _check_rate, _fan_in, _is_dtensor, _seed_tensor, capturing
 from .._registry import check_name
 
 __all__ = ["TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout", "targeted_dropout_modules",
@@ -55,6 +55,15 @@ __all__ = ["TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout
            "set_rng_state", "LAST_LINEAR"]
 
 MODES = ("weight", "unit", "nm")
+# A layer's seed b + c (module docstring) lives on the host and advances in Python: a CUDA graph
+# captured around a training forward would replay the mask of seed b + c at every replay. So a
+# training forward during CUDA graph capture raises. (The graph-safe design, for when it has run
+# on a GPU: keep c in a CUDA int64 tensor advanced by a captured in-place add, pass b + c to the
+# ops as their device seed, and read c back in get_rng_state; see docs/training.md.)
+MODULE_CAPTURE_ERROR = (
+    "td_kernels: a TargetedDropout layer in training mode cannot run during CUDA graph capture: its per-layer "
+    "seed b + c advances on the host, so every replay would repeat the captured mask. Capture the model in eval "
+    "mode, or train it without capturing a CUDA graph around it.")
 # the default for `exclude`: the model's output head, i.e. the last layer (in named_modules
 # order) whose parameter is a matrix (nn.Linear, transformers' Conv1D, ...), which the paper
 # neither regularises nor prunes (section 5: "all weight matrices except those leading to the
@@ -326,6 +335,9 @@ class TargetedDropout(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         if not self.training:
             return w
+        if capturing(w):
+            # the seed b + c is advanced on the host: a captured graph would replay one mask
+            raise RuntimeError(MODULE_CAPTURE_ERROR)
         params = self._next_params()  # every training forward advances c, whether or not it drops
         seed = params[0]
         U = w.shape[self.unit_dim]

@@ -187,6 +187,26 @@ def check_seed(seed) -> int:
     return seed
 
 
+def seed_args(seed, device):
+    """``(seed, seed_ptr, SEED_PTR)`` kernel arguments for a launcher's ``seed``: a Python int
+    (``seed_ptr`` then None), or the graph-safe seed, a 0-dim int64 tensor on ``device`` that the
+    kernel loads itself (``_load_seed``), so a captured CUDA graph reads each replay's value."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.shape != () or seed.device != device:
+            raise ValueError(f"seed given as a tensor must be a 0-dim int64 tensor on {device}, got {seed.dtype} "
+                             f"{tuple(seed.shape)} on {seed.device}")
+        return 0, seed, True
+    return check_seed(seed), None, False
+
+
+@triton.jit
+def _load_seed(seed, seed_ptr, SEED_PTR: tl.constexpr):
+    """The seed: the int64 argument, or (SEED_PTR) the value at ``seed_ptr`` on the device."""
+    if SEED_PTR:
+        seed = tl.load(seed_ptr)
+    return seed
+
+
 def check_drop_threshold(drop_threshold) -> int:
     if isinstance(drop_threshold, bool) or not isinstance(drop_threshold, int):
         raise TypeError(f"drop_threshold must be an int, got {type(drop_threshold).__name__}")

@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 
 from ...reference import check_nm, check_window
-from ._common import (_cols, _key, _store_bits, _tile_dropped, aligned, bits_backward, check_drop_threshold,
-                      check_grad, check_seed, check_w2d, device_guard, launch_chunks, new_bits, num_warps)
+from ._common import (_cols, _key, _load_seed, _store_bits, _tile_dropped, aligned, bits_backward,
+                      check_drop_threshold, check_grad, check_w2d, device_guard, launch_chunks, new_bits, num_warps,
+                      seed_args)
 
 __all__ = ["nm_dropout", "nm_dropout_backward"]
 
@@ -65,12 +66,13 @@ def _rank_general(row, j, keys, valid, M: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed", "D", "origin", "row_stride"])
-def _nm_kernel(w_ptr, g_ptr, out_ptr, bits_ptr, seed: tl.int64, D: tl.int64, origin: tl.int64,
+def _nm_kernel(w_ptr, g_ptr, out_ptr, bits_ptr, seed: tl.int64, seed_ptr, D: tl.int64, origin: tl.int64,
                row_stride: tl.int64, F, NW, N: tl.constexpr, M: tl.constexpr,
                BACKWARD: tl.constexpr, BITS: tl.constexpr, POW2: tl.constexpr,
-               ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
+               ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr, SEED_PTR: tl.constexpr):
     """Forward (``out = where(keep, w, 0)``, BITS: also the packed mask) or recompute
     backward (BACKWARD: ``out = where(keep, grad, 0)``) of N:M targeting."""
+    seed = _load_seed(seed, seed_ptr, SEED_PTR)
     u = tl.program_id(0).to(tl.int64)
     row = w_ptr + u * F
     s = origin + u * row_stride
@@ -95,7 +97,7 @@ def _nm_kernel(w_ptr, g_ptr, out_ptr, bits_ptr, seed: tl.int64, D: tl.int64, ori
 
 def _launch(w2d, grad2d, seed, n, m, drop_threshold, window, bits):
     check_w2d(w2d)
-    seed, D = check_seed(seed), check_drop_threshold(drop_threshold)
+    (seed, seed_ptr, from_ptr), D = seed_args(seed, w2d.device), check_drop_threshold(drop_threshold)
     U, F = w2d.shape
     n, m = check_nm(n, m, F)
     origin, row_stride = check_window(window, U, F)
@@ -108,9 +110,10 @@ def _launch(w2d, grad2d, seed, n, m, drop_threshold, window, bits):
     block_g = max(MIN_GROUPS, min(NM_GROUPS, triton.next_power_of_2(triton.cdiv(F, 4))))
     with device_guard(w2d):
         launch_chunks(_nm_kernel, U, F, 4 * block_g)(
-            w2d, src, out, packed if bits else out, seed, D, origin, row_stride, F,
+            w2d, src, out, packed if bits else out, seed, seed_ptr, D, origin, row_stride, F,
             packed.shape[1] if bits else 0, N=n, M=m, BACKWARD=grad2d is not None, BITS=bits,
-            POW2=pow2, ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, num_warps=num_warps(4 * block_g))
+            POW2=pow2, ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, SEED_PTR=from_ptr,
+            num_warps=num_warps(4 * block_g))
     return out, packed
 
 

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KEY_MAX, MAX_GRID_1, _cols, _key, _tile_dropped, _to_f32, check_count,
-                      check_drop_threshold, check_seed, check_w2d, device_guard, num_warps)
+from ._common import (KEY_MAX, MAX_GRID_1, _cols, _key, _load_seed, _tile_dropped, _to_f32, check_count,
+                      check_drop_threshold, check_w2d, device_guard, num_warps, seed_args)
 from .weight_dropout import _select
 
 __all__ = ["unit_dropout", "unit_dropout_backward"]
@@ -54,10 +54,11 @@ def _row_norms_kernel(w_ptr, norm_ptr, F, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed", "D", "k", "fixed_limit"])
-def _unit_keep_kernel(norm_ptr, keep_ptr, U, k, fixed_limit, seed: tl.int64, D: tl.int64,
-                      SELECT: tl.constexpr, BLOCK_G: tl.constexpr):
+def _unit_keep_kernel(norm_ptr, keep_ptr, U, k, fixed_limit, seed: tl.int64, seed_ptr, D: tl.int64,
+                      SELECT: tl.constexpr, BLOCK_G: tl.constexpr, SEED_PTR: tl.constexpr):
     """One program: the limit key over all U norms (or ``fixed_limit`` when k is 0 or U),
     then ``keep[u] = not (key(norm_u) <= limit and word(u) < D)``."""
+    seed = _load_seed(seed, seed_ptr, SEED_PTR)
     if SELECT:
         limit = _select(norm_ptr, 0, U, k, BLOCK_G, False)
     else:
@@ -108,7 +109,7 @@ def unit_norms(w2d: torch.Tensor) -> torch.Tensor:
 def unit_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int):
     """SPEC unit targeting on ``w2d = w.reshape(U, F)``; returns ``(out2d, keep bool[U])``."""
     check_w2d(w2d)
-    seed, D = check_seed(seed), check_drop_threshold(drop_threshold)
+    (seed, seed_ptr, from_ptr), D = seed_args(seed, w2d.device), check_drop_threshold(drop_threshold)
     U, F = w2d.shape
     check_count(k, U, "U")
     keep = torch.empty(U, dtype=torch.uint8, device=w2d.device)
@@ -118,7 +119,7 @@ def unit_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int):
     block_g = min(KEEP_GROUPS, triton.next_power_of_2(triton.cdiv(U, 4)))
     with device_guard(w2d):
         _unit_keep_kernel[(1,)](norms, keep, U, k if 0 < k < U else 0, -1 if k == 0 else KEY_MAX,
-                                seed, D, SELECT=0 < k < U, BLOCK_G=block_g,
+                                seed, seed_ptr, D, SELECT=0 < k < U, BLOCK_G=block_g, SEED_PTR=from_ptr,
                                 num_warps=num_warps(4 * block_g))
     return _rows_where(w2d, keep), keep.view(torch.bool)
 

@@ -8,6 +8,8 @@ shape, dtype) it times each *provider*:
 * ``torch-kthvalue``: the unfused composite a user would write by hand (abs, kthvalue per row
   -- or an argsort per N:M group --, a torch.rand draw, masked_fill): "what you'd otherwise write";
 * ``dropout``: ``torch.nn.functional.dropout`` on the same tensor;
+* ``triton:sampled``, ``native:fused`` (CUDA, weight targeting): the backend with another
+  selection algorithm switched on for the call (``VARIANTS``; same bits), to A/B them;
 * ``clone``: a plain copy, the floor for any one-pass op (always measured: the bandwidth
   fractions are relative to it).
 
@@ -52,7 +54,7 @@ import td_kernels as td
 from .common import (_csv_list, _kthvalue_nm, _kthvalue_unit, _kthvalue_weight, _version, device_name, git_commit,
                      interleaved, median, read_csv, text_table, time_fn, write_csv)
 
-__all__ = ["main", "op_bytes", "copy_bytes", "compare_rows", "saved_bytes", "provider_names", "make_fn",
+__all__ = ["main", "op_bytes", "copy_bytes", "compare_rows", "saved_bytes", "provider_names", "make_fn", "VARIANTS",
            "interleaved", "median", "COLUMNS", "SHAPES", "QUICK_SHAPES", "OPS", "MODES"]
 
 # Linear [out, in] of a 7B-class MLP and attention, conv [out, in, 3, 3], and a long row.
@@ -64,6 +66,13 @@ MASKS = ("bits", "recompute")
 NM = (2, 4)  # the N:M pattern benchmarked: 2:4, what sparse tensor cores run
 MODES = ("fwd", "bwd", "fwd+bwd")
 YARDSTICKS = ("torch-kthvalue", "dropout", "clone")
+# Kernel variants to A/B on a GPU: the same bits by another algorithm, weight targeting only.
+# "backend:variant" runs the backend with one of its module knobs set for the call:
+# provider -> (backend, module, knob, value).
+VARIANTS = {
+    "triton:sampled": ("triton", "td_kernels.backends.triton.weight_dropout", "SELECT", "sampled"),
+    "native:fused": ("native", "td_kernels.backends.native", "WEIGHT_FORWARD", "fused"),
+}
 COLUMNS = (
     "timestamp", "device_type", "device_name", "threads", "torch", "triton", "git_commit",
     "op", "mode", "shape", "dtype", "provider", "mask", "drop_rate", "targ_rate",
@@ -119,13 +128,33 @@ def provider_names(device) -> list:
     dev = torch.device(device).type
     backends = [b for b in td.available_backends(dev) if not (b == "triton" and dev != "cuda")]
     backends.sort(key=lambda b: b != "reference")
-    return backends + list(YARDSTICKS)
+    variants = [v for v, (b, *_) in VARIANTS.items() if b in backends and dev == "cuda"]  # CUDA kernels' choices
+    return backends + variants + list(YARDSTICKS)
 
 
 def masks_for(provider: str, op: str, masks=MASKS) -> tuple:
     """The mask formats a provider runs for an op: ours, for weight and N:M targeting, each of
-    ``masks``; the yardsticks and unit targeting have none ("")."""
+    ``masks``; the yardsticks and unit targeting have none (""); a variant runs weight targeting only."""
+    if provider in VARIANTS and op != "weight":
+        return ()
     return tuple(masks) if provider not in YARDSTICKS and op != "unit" else ("",)
+
+
+@contextlib.contextmanager
+def variant(provider: str):
+    """Within: ``provider``'s variant knob set (nothing for a plain backend); yields the backend."""
+    if provider not in VARIANTS:
+        yield provider
+        return
+    import importlib
+    backend, module, knob, value = VARIANTS[provider]
+    mod = importlib.import_module(module)
+    saved = getattr(mod, knob)
+    setattr(mod, knob, value)
+    try:
+        yield backend
+    finally:
+        setattr(mod, knob, saved)
 
 
 def make_fn(provider: str, op: str, drop_rate: float, targ_rate: float, seed: int = 1234,
@@ -141,6 +170,11 @@ def make_fn(provider: str, op: str, drop_rate: float, targ_rate: float, seed: in
         f = _kthvalue_weight if op == "weight" else _kthvalue_unit
         return lambda w: f(w, drop_rate, targ_rate)
     mask = mask or td.api.DEFAULT_MASK
+    if provider in VARIANTS:
+        def fn(w):
+            with variant(provider) as backend:
+                return td.targeted_weight_dropout(w, drop_rate, targ_rate, seed=seed, backend=backend, mask=mask)
+        return fn
     if op == "weight":
         return lambda w: td.targeted_weight_dropout(w, drop_rate, targ_rate, seed=seed, backend=provider, mask=mask)
     if op == "nm":
@@ -539,10 +573,10 @@ def main(argv=None) -> int:
     for flag in ("slow_runs", "threads", "rep_ms", "cuda_runs", "rounds"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    unknown = [x for x in args.providers or () if x not in td._registry.known_backends() + YARDSTICKS]
+    known = td._registry.known_backends() + tuple(VARIANTS) + YARDSTICKS
+    unknown = [x for x in args.providers or () if x not in known]
     if unknown:
-        parser.error(f"--providers: unknown {', '.join(unknown)}; known: "
-                     f"{', '.join(td._registry.known_backends() + YARDSTICKS)}")
+        parser.error(f"--providers: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     if not (0 <= args.drop_rate <= 1 and 0 <= args.targ_rate <= 1):
         parser.error("--drop-rate and --targ-rate must be in [0, 1]")
     args.dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
