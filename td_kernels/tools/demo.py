@@ -1,11 +1,15 @@
 """The demo: the shape of the paper's Table 2 on scikit-learn's 8x8 digits, in minutes on a CPU.
 
-Trains a small MLP and a small CNN with each regularisation method, then magnitude-prunes every
+Trains a small MLP, a small CNN and a small BatchNorm ResNet (the paper's family) with each
+regularisation method, then magnitude-prunes every
 weight layer except the logits layer (``td.prune_model``) at 0%, 10%, ..., 90%, per unit's
 weights (weight pruning, eq. 2) and whole units (unit pruning, eq. 1), and to the 2:4 pattern
 (N:M pruning, SPEC section 11), and reports the test accuracy: mean and standard deviation over
 ``seeds`` training runs (initial weights, data order and dropout draws; the same data split),
-marking where a method differs from the unregularised network by more than the spread. Run it
+marking where a method differs from the unregularised network by more than the spread. The
+ResNet is evaluated twice: with BatchNorm's running statistics as training left them and
+recalibrated after pruning (``td.recalibrate_batchnorm`` on the training images): training under
+targeted dropout (or any pruning) leaves statistics that do not fit the network evaluated. Run it
 with ``td-kernels demo`` or ``python -m td_kernels demo``.
 """
 from __future__ import annotations
@@ -23,12 +27,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..training.batchnorm import batchnorm_modules
 from ..training.nn import apply_targeted_dropout, prunable_layers, remove_targeted_dropout
 from ..training.pruning import prune_model
 from ..training.schedules import RampSchedule
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "MODELS", "PRUNE_RATES", "MethodConfig", "DemoResult", "run_demo", "check_args",
-           "make_model", "load_data", "train", "evaluate_pruning", "format_table", "format_nm_table"]
+__all__ = ["METHODS", "DEFAULT_METHODS", "MODELS", "BN_STATS", "PRUNE_RATES", "MethodConfig", "DemoResult", "run_demo",
+           "check_args", "make_model", "load_data", "train", "evaluate_pruning", "format_table", "format_nm_table",
+           "format_bn_table"]
 
 PRUNE_RATES = tuple(i / 10 for i in range(10))
 PRUNE_MODES = ("weight", "unit")
@@ -91,7 +97,33 @@ def _cnn() -> nn.Module:
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-MODELS = {"mlp": _mlp, "cnn": _cnn}
+class _Block(nn.Module):
+    """A ResNet basic block (conv-BN-ReLU-conv-BN, plus the input or a 1x1 conv-BN shortcut)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential() if stride == 1 and cin == cout else \
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+def _resnet() -> nn.Module:
+    """The paper's family (ResNet-32, WRN: BatchNorm everywhere) at the digits' scale: a stem and
+    two basic blocks, 19.7k parameters."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         _Block(16, 16), _Block(16, 32, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, 10))
+
+
+MODELS = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}
+# the BatchNorm statistics a model with BatchNorm is evaluated with (models without: "")
+BN_STATS = ("recalibrated", "as trained")
 
 
 def make_model(name: str) -> nn.Module:
@@ -128,12 +160,15 @@ def train(model: nn.Module, method: MethodConfig, train_data, *, epochs: int, ba
     if method.mode == "dropout":
         for _, layer in prunable_layers(model):
             parametrize.register_parametrization(layer, "weight", _WeightDropout(method.drop_rate), unsafe=True)
-    elif method.mode == "nm":
-        with warnings.catch_warnings():  # the CNN's first conv (fan-in 9) has no 4-groups: it stays dense
-            warnings.simplefilter("ignore")
-            apply_targeted_dropout(model, method.drop_rate, mode="nm", n=NM[0], m=NM[1], backend=backend)
     elif method.mode is not None:
-        apply_targeted_dropout(model, method.drop_rate, method.targ_rate, method.mode, backend=backend)
+        with warnings.catch_warnings():
+            # the ResNet's BatchNorm warning: evaluate_pruning(recalibrate=...) answers it
+            warnings.filterwarnings("ignore", message="model has BatchNorm")
+            if method.mode == "nm":  # the first conv (fan-in 9) has no 4-groups: it stays dense
+                warnings.filterwarnings("ignore", message="apply_targeted_dropout skips")
+                apply_targeted_dropout(model, method.drop_rate, mode="nm", n=NM[0], m=NM[1], backend=backend)
+            else:
+                apply_targeted_dropout(model, method.drop_rate, method.targ_rate, method.mode, backend=backend)
     steps_per_epoch = -(-len(X) // batch_size)
     schedule = RampSchedule(model, max(1, round(RAMP_FRACTION * epochs * steps_per_epoch))) if method.ramp else None
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -158,22 +193,23 @@ def train(model: nn.Module, method: MethodConfig, train_data, *, epochs: int, ba
 
 
 def evaluate_pruning(model: nn.Module, test_data, *, rates=PRUNE_RATES, modes=PRUNE_MODES + (NM_MODE,),
-                     backend="auto") -> dict:
+                     backend="auto", recalibrate=None) -> dict:
     """{(prune_mode, rate): test accuracy} of ``model`` pruned per unit at each rate, and for
     ``"nm"`` pruned to the 2:4 pattern (key ``("nm", 0.5)``; layers whose fan-in 4 does not
-    divide stay dense)."""
+    divide stay dense). ``recalibrate``: batches over which BatchNorm's statistics are recomputed
+    after pruning (``prune_model(..., recalibrate=...)``); None keeps the trained ones."""
     out = {}
     for mode in modes:
         if mode == NM_MODE:
             pruned = copy.deepcopy(model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                prune_model(pruned, mode="nm", n=NM[0], m=NM[1], backend=backend)
+                prune_model(pruned, mode="nm", n=NM[0], m=NM[1], backend=backend, recalibrate=recalibrate)
             out[(mode, 1 - NM[0] / NM[1])] = _accuracy(pruned, *test_data)
             continue
         for rate in rates:
             pruned = copy.deepcopy(model)
-            prune_model(pruned, rate, mode, backend=backend)
+            prune_model(pruned, rate, mode, backend=backend, recalibrate=recalibrate)
             out[(mode, rate)] = _accuracy(pruned, *test_data)
     return out
 
@@ -181,43 +217,50 @@ def evaluate_pruning(model: nn.Module, test_data, *, rates=PRUNE_RATES, modes=PR
 @dataclass
 class DemoResult:
     # rows: dicts with model, method, prune_mode, prune_rate, seed, accuracy (one per training run)
+    # and bn_stats (one of BN_STATS for a model with BatchNorm, "" without)
     rows: list = field(default_factory=list)
     seconds: float = 0.0
     csv_path: str | None = None
     png_path: str | None = None
 
-    def accuracies(self, model: str, method: str, prune_mode: str, rate: float) -> list:
-        """The accuracy of every seed's run, in seed order."""
+    def accuracies(self, model: str, method: str, prune_mode: str, rate: float, bn_stats: str | None = None) -> list:
+        """The accuracy of every seed's run, in seed order; ``bn_stats`` None: recalibrated
+        BatchNorm statistics where the model has BatchNorm (the way to evaluate it)."""
+        want = ("", BN_STATS[0]) if bn_stats is None else (bn_stats,)
         got = [r["accuracy"] for r in self.rows if (r["model"], r["method"], r["prune_mode"]) ==
-               (model, method, prune_mode) and abs(r["prune_rate"] - rate) < 1e-9]
+               (model, method, prune_mode) and abs(r["prune_rate"] - rate) < 1e-9 and r.get("bn_stats", "") in want]
         if not got:
-            raise KeyError((model, method, prune_mode, rate))
+            raise KeyError((model, method, prune_mode, rate, bn_stats))
         return got
 
-    def accuracy(self, model: str, method: str, prune_mode: str, rate: float) -> float:
+    def accuracy(self, model: str, method: str, prune_mode: str, rate: float, bn_stats: str | None = None) -> float:
         """Mean accuracy over the seeds."""
-        return statistics.fmean(self.accuracies(model, method, prune_mode, rate))
+        return statistics.fmean(self.accuracies(model, method, prune_mode, rate, bn_stats))
 
-    def std(self, model: str, method: str, prune_mode: str, rate: float) -> float:
+    def std(self, model: str, method: str, prune_mode: str, rate: float, bn_stats: str | None = None) -> float:
         """Sample standard deviation over the seeds (0 for one seed)."""
-        acc = self.accuracies(model, method, prune_mode, rate)
+        acc = self.accuracies(model, method, prune_mode, rate, bn_stats)
         return statistics.stdev(acc) if len(acc) > 1 else 0.0
 
-    def mark(self, model: str, method: str, prune_mode: str, rate: float, baseline: str = "none") -> str:
+    def mark(self, model: str, method: str, prune_mode: str, rate: float, baseline: str = "none",
+             bn_stats: str | None = None) -> str:
         """"+" / "-" where ``method``'s mean is above / below the baseline's by more than the
         spread (the two standard deviations added); "" otherwise, and with a single seed."""
-        if method == baseline or len(self.accuracies(model, method, prune_mode, rate)) < 2:
+        if method == baseline or len(self.accuracies(model, method, prune_mode, rate, bn_stats)) < 2:
             return ""
         try:
-            diff = self.accuracy(model, method, prune_mode, rate) - self.accuracy(model, baseline, prune_mode, rate)
+            diff = (self.accuracy(model, method, prune_mode, rate, bn_stats)
+                    - self.accuracy(model, baseline, prune_mode, rate, bn_stats))
         except KeyError:  # the baseline was not run
             return ""
-        spread = self.std(model, method, prune_mode, rate) + self.std(model, baseline, prune_mode, rate)
+        spread = self.std(model, method, prune_mode, rate, bn_stats) + self.std(model, baseline, prune_mode, rate,
+                                                                                bn_stats)
         return "" if abs(diff) <= spread else ("+" if diff > 0 else "-")
 
-    def cell(self, model: str, method: str, prune_mode: str, rate: float) -> str:
-        mean, std = 100 * self.accuracy(model, method, prune_mode, rate), 100 * self.std(model, method, prune_mode, rate)
-        return f"{mean:.1f}±{std:.1f}{self.mark(model, method, prune_mode, rate) or ' '}"
+    def cell(self, model: str, method: str, prune_mode: str, rate: float, bn_stats: str | None = None) -> str:
+        mean = 100 * self.accuracy(model, method, prune_mode, rate, bn_stats)
+        std = 100 * self.std(model, method, prune_mode, rate, bn_stats)
+        return f"{mean:.1f}±{std:.1f}{self.mark(model, method, prune_mode, rate, bn_stats=bn_stats) or ' '}"
 
 
 def _layout(lines, first_left: bool = False) -> str:
@@ -243,9 +286,30 @@ def format_nm_table(result: DemoResult, model: str, methods) -> str:
     return _layout(lines, first_left=True)
 
 
+# the columns of the BatchNorm table: unpruned, weight pruning, unit pruning, 2:4; "as trained"
+# is evaluated at these points only (recalibrated at every rate)
+BN_COLUMNS = (("weight", 0.0), ("weight", 0.5), ("weight", 0.9), ("unit", 0.5), ("unit", 0.7), (NM_MODE, 0.5))
+AS_TRAINED_RATES = (0.0, 0.5, 0.7, 0.9)
+RECALIBRATION_IMAGES = 512  # training images BatchNorm's statistics are recomputed on (one batch)
+
+
+def format_bn_table(result: DemoResult, model: str, methods) -> str:
+    """Per method, accuracy with BatchNorm's statistics as trained and recalibrated after
+    pruning, unpruned and at a few pruning points (mean±std over the seeds)."""
+    head = {"weight": "w", "unit": "u", NM_MODE: ""}
+    lines = [["method", "BN statistics"] + ["unpruned" if r == 0 else f"{NM[0]}:{NM[1]}" if mode == NM_MODE
+                                            else f"{r:.0%} {head[mode]}" for mode, r in BN_COLUMNS]]
+    for m in methods:
+        for bn in BN_STATS[::-1]:
+            lines.append([m, bn] + [result.cell(model, m, mode, r, bn) for mode, r in BN_COLUMNS])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                     for r in lines)
+
+
 def _write_csv(result: DemoResult, path: str) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "method", "prune_mode", "prune_rate", "seed", "accuracy"])
+        w = csv.DictWriter(f, fieldnames=["model", "method", "prune_mode", "prune_rate", "seed", "accuracy", "bn_stats"])
         w.writeheader()
         w.writerows(result.rows)
 
@@ -346,9 +410,17 @@ def _run(epochs, seed, seeds, out, device, backend, methods, models, progress, l
                     model = make_model(model_name).to(device)
                     train(model, METHODS[m], train_data, epochs=epochs, seed=s,
                           backend=backend, progress=bar)
-                    for (mode, rate), acc in evaluate_pruning(model, test_data, backend=backend).items():
-                        result.rows.append({"model": model_name, "method": m, "prune_mode": mode,
-                                            "prune_rate": rate, "seed": s, "accuracy": round(acc, 6)})
+                    # with BatchNorm: evaluated with the statistics recalibrated after pruning
+                    # (on training images) and as trained (at a few rates); without: "" once
+                    for bn in BN_STATS if batchnorm_modules(model) else ("",):
+                        recal = bn == BN_STATS[0]
+                        rates = AS_TRAINED_RATES if bn == BN_STATS[1] else PRUNE_RATES
+                        recalibrate = [train_data[0][:RECALIBRATION_IMAGES]] if recal else None
+                        for (mode, rate), acc in evaluate_pruning(model, test_data, backend=backend, rates=rates,
+                                                                  recalibrate=recalibrate).items():
+                            result.rows.append({"model": model_name, "method": m, "prune_mode": mode,
+                                                "prune_rate": rate, "seed": s, "accuracy": round(acc, 6),
+                                                "bn_stats": bn})
     result.seconds = time.perf_counter() - start
     how = f"mean±std over {seeds} seeds" if seeds > 1 else "1 seed"
     marks = (' "+"/"-": above/below "none" by more than the two std added' if seeds > 1 and "none" in methods else "")
@@ -360,6 +432,11 @@ def _run(epochs, seed, seeds, out, device, backend, methods, models, progress, l
         print(f"\n{model_name}, {NM[0]}:{NM[1]} pruning (layers whose fan-in {NM[1]} does not divide stay dense): "
               f"test accuracy % ({how})", file=log)
         print(format_nm_table(result, model_name, methods), file=log)
+        if any(r["model"] == model_name and r["bn_stats"] for r in result.rows):
+            print(f"\n{model_name}: BatchNorm statistics as trained vs recalibrated after pruning "
+                  f"(td.recalibrate_batchnorm on {RECALIBRATION_IMAGES} training images; the tables above are recalibrated): "
+                  f"test accuracy % ({how})", file=log)
+            print(format_bn_table(result, model_name, methods), file=log)
     print("\n" + "\n".join(f"{m}: {METHODS[m].label}" for m in methods), file=log)
     if out is not None:
         os.makedirs(out, exist_ok=True)

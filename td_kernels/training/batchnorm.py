@@ -34,7 +34,7 @@ def batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class _Moments:
     """A forward pre-hook collecting the per-channel count, mean and sum of squared deviations
     of a BatchNorm's input, merged batch by batch in float64 (Chan et al.'s pairwise update):
-    exact over all samples, whatever the batch sizes."""
+    over all samples, whatever the batch sizes."""
 
     def __init__(self):
         self.n, self.mean, self.m2 = 0, None, None
@@ -45,9 +45,9 @@ class _Moments:
         if n == 0:
             return
         dims = [d for d in range(x.ndim) if d != 1]  # [N, C, *spatial]: every dim but the channels
-        x = x.double()
-        mean = x.mean(dims)
-        m2 = (x - mean.view(1, -1, *[1] * (x.ndim - 2))).square().sum(dims)
+        # the batch's moments in the input's dtype (torch's var_mean: one accurate pass), merged in float64
+        var, mean = torch.var_mean(x if x.dtype in (torch.float32, torch.float64) else x.float(), dims, correction=0)
+        mean, m2 = mean.double(), var.double() * n
         if self.mean is None:
             self.n, self.mean, self.m2 = n, mean, m2
             return
