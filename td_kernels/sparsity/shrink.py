@@ -203,9 +203,17 @@ def _materialize(model: nn.Module) -> None:
         if parametrize.is_parametrized(mod):
             for pname in list(mod.parametrizations):
                 parametrize.remove_parametrizations(mod, pname, leave_parametrized=True)
-        if layer_type(mod) is not None and (mod._forward_hooks or mod._forward_pre_hooks):
-            raise ValueError(f"layer {name!r} has forward hooks; remove them before shrink_model: a shrunk layer "
-                             "cannot keep per-unit hook state")
+        if isinstance(mod, LAYER_TYPES) and _hooked(mod):
+            raise _hooks_error(name)
+
+
+def _hooked(mod) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+def _hooks_error(name: str) -> ValueError:
+    return ValueError(f"layer {name!r} has forward hooks; remove them before shrink_model: a shrunk layer cannot "
+                      "keep per-unit hook state")
 
 
 def _count(model: nn.Module) -> int:
@@ -327,6 +335,9 @@ def _shrink_gpt2_mlp(name, mlp, model, example_inputs, stats: dict, excluded: se
     zu = zero_units(unit_view(fc)).tolist()
     if not zu:
         return
+    for n, layer in ((n_fc, fc), (n_proj, proj)):
+        if _hooked(layer):
+            raise _hooks_error(n)
     if n_fc in excluded or n_proj in excluded:
         stats[n_fc].left["excluded" if n_fc in excluded else f"its consumer {n_proj} is excluded"] += len(zu)
         return
