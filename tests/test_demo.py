@@ -161,7 +161,7 @@ def test_resnet_batchnorm_statistics_as_trained_and_recalibrated():
         torch.set_num_threads(threads)
     for rate in (0.0, 0.9):
         trained, recal = (result.accuracy("resnet", "targeted_weight", "weight", rate, bn) for bn in demo.BN_STATS[::-1])
-        assert recal > 0.6 and recal > trained + 0.3, (rate, trained, recal)
+        assert recal > 0.5 and recal > trained + 0.3, (rate, trained, recal)  # measured: 0.68 vs 0.23, 0.69 vs 0.22
     assert result.accuracy("resnet", "targeted_weight", "weight", 0.0) == \
         result.accuracy("resnet", "targeted_weight", "weight", 0.0, "recalibrated")  # the default view
     rows = [dict(r, prune_mode=mode, prune_rate=rate) for r in result.rows for mode, rate in demo.BN_COLUMNS]
