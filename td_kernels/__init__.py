@@ -44,6 +44,7 @@ from .training.nn import (TargetedDropout, apply_targeted_dropout, get_rng_state
                           remove_targeted_dropout, set_rng_state)
 from .training.schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate  # noqa: E402
 from .training.pruning import TargetedPruning, prune_model, sparsity_report  # noqa: E402
+from .training.batchnorm import recalibrate_batchnorm  # noqa: E402
 from .sparsity.shrink import ShrinkReport, shrink_model  # noqa: E402
 from .sparsity.sparse import is_nm_sparse, nm_violations, to_semi_structured  # noqa: E402
 
@@ -55,5 +56,6 @@ __all__ = [
     "nn", "TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout", "register_layer",
     "get_rng_state", "set_rng_state",
     "RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "TargetedPruning", "prune_model", "sparsity_report",
+    "recalibrate_batchnorm",
     "shrink_model", "ShrinkReport", "to_semi_structured", "is_nm_sparse", "nm_violations",
 ]

@@ -193,3 +193,49 @@ def test_ramp_drives_nm_layers_drop_rate_only():
     assert _rates(m) == [(0.4, None), (0.3, 0.5 * 0.95)]
     x = torch.randn(3, 8)
     m(x).sum().backward()  # the nm layer runs at its ramped drop_rate
+
+
+def test_second_schedule_and_deepcopy_ramp_to_the_given_rates():
+    """A schedule sets only the current rates: a second one (a re-run notebook cell, a second
+    phase) and one on a deepcopy of a scheduled model ramp to the rates the model was given,
+    not to the first ramp's current 0."""
+    import copy
+
+    m = _targeted(0.8, 0.6)
+    RampSchedule(m, 10)                                  # rates now (0, 0)
+    twin = copy.deepcopy(m)
+    for model in (m, twin):
+        s = RampSchedule(model, 4)
+        for _ in range(4):
+            s.step()
+        assert _rates(model) == [(0.8, 0.6)] * 2
+    xs = XtremeSchedule(_targeted(0.5, 0.3), keep=2, total_steps=3)
+    second = RampSchedule(xs.modules, 1)
+    second.step()
+    assert [t.drop_rate for t in xs.modules] == [0.5, 0.5]  # the base drop rate, not the ramp's 0
+    assert [t.targ_rate for t in xs.modules] == [0.3, 0.3]  # and the base targ rate, not Xtreme's
+
+
+def test_rates_set_by_hand_are_the_base_and_a_live_schedule_warns():
+    m = _targeted(0.8, 0.6)
+    first = RampSchedule(m, 10)
+    first.step()
+    layer = m[0].targeted_dropout
+    layer.drop_rate = 0.4                                # by hand: current and base
+    assert (layer.drop_rate, layer.base_drop_rate, layer.base_targ_rate) == (0.4, 0.4, 0.6)
+    with pytest.warns(UserWarning, match=r"rates of '0' .*set by hand"):
+        first.step()                                     # overwrites it, loudly
+    assert layer.drop_rate == pytest.approx(0.8 * 2 / 10)
+    second = RampSchedule(m, 2)                          # ramps to the rates set by hand
+    second.step(), second.step()
+    assert _rates(m)[0] == (0.4, 0.6) and _rates(m)[1] == (0.8, 0.6)
+    with pytest.warns(UserWarning, match=r"another schedule steps them too"):
+        first.step()                                     # two live schedules on the same layers
+    import warnings
+
+    del first
+    with pytest.warns(UserWarning, match=r"set by hand, or by a schedule since deleted"):
+        second.step()                                    # takes the layers back
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second.step()                                    # undisturbed: no warning

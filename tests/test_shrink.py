@@ -329,6 +329,35 @@ def test_llama_mlp_units_and_kv_groups(llama):
     close(step[:, -1], llama(input_ids=ids).logits[:, -1], 1e-12)
 
 
+def test_gpt2_mlp_units_removed_every_layer_reported_targeted_dropout_kept():
+    """GPT-2's MLP is Conv1D (units along dim 1): unit-pruned, its c_fc units go (their constant
+    gelu(bias) folded into c_proj's bias); every registered layer has a row, and each zero unit
+    is removed or left with a reason. A targeted model shrinks with targeted dropout kept."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    td.prune_model(model, 0.5, mode="unit")
+    td.apply_targeted_dropout(model, 0.5, 0.5)
+    ids = torch.randint(0, 50, (3, 8))
+    small, report = td.shrink_model(model, {"input_ids": ids, "use_cache": False})
+    assert [s.name for s in report.layers] == [n for n, m in model.named_modules() if td.nn.layer_type(m)]
+    for s in report.layers:
+        assert s.removed + sum(s.left.values()) == s.zero_units, s
+    for i in range(2):
+        assert report.layer(f"transformer.h.{i}.mlp.c_fc").removed == 64  # half of 128
+        assert report.layer(f"transformer.h.{i}.attn.c_attn").left  # fused q/k/v: reported, kept
+        mlp = small.transformer.h[i].mlp
+        assert mlp.c_fc.weight.shape == (32, 64) and mlp.c_proj.weight.shape == (64, 32)
+    other = torch.randint(0, 50, (2, 8))  # the fold does not depend on example_inputs
+    close(small(other).logits, model(other).logits, 1e-12)
+    fc = small.transformer.h[0].mlp.c_fc
+    assert fc.targeted_dropout._shape == (64, 32) and fc.weight.t().is_contiguous()  # re-attached, units first
+    small.train()
+    small(ids, labels=ids).loss.backward()
+    assert fc.weight.grad.shape == (32, 64)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 def test_bad_input():

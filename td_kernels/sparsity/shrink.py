@@ -53,6 +53,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
+from .._params import _fan_in
+from ..training.nn import _relayout, layer_type, targeted_dropout_modules, unit_view
+
 __all__ = ["shrink_model", "ShrinkReport", "LayerShrink", "zero_units"]
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -191,8 +194,8 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def _materialize(model: nn.Module) -> None:
-    """Make pruning masks and parametrizations permanent (the model is in eval mode, so targeted
-    dropout's parametrization is the identity); refuse other hooks on the layers we cut."""
+    """Make pruning masks and parametrizations permanent; refuse forward hooks on the layers we
+    cut (targeted dropout is no hook: the copy keeps it, in eval mode the identity)."""
     for name, mod in model.named_modules():
         for hook in list(mod._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):
@@ -200,10 +203,17 @@ def _materialize(model: nn.Module) -> None:
         if parametrize.is_parametrized(mod):
             for pname in list(mod.parametrizations):
                 parametrize.remove_parametrizations(mod, pname, leave_parametrized=True)
-        if isinstance(mod, LAYER_TYPES) and (mod._forward_hooks or mod._forward_pre_hooks):
-            raise ValueError(f"layer {name!r} has forward hooks (targeted dropout on its output?); remove them "
-                             "(td.remove_targeted_dropout) before shrink_model: a shrunk layer cannot keep "
-                             "per-unit hook state")
+        if isinstance(mod, LAYER_TYPES) and _hooked(mod):
+            raise _hooks_error(name)
+
+
+def _hooked(mod) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+def _hooks_error(name: str) -> ValueError:
+    return ValueError(f"layer {name!r} has forward hooks; remove them before shrink_model: a shrunk layer cannot "
+                      "keep per-unit hook state")
 
 
 def _count(model: nn.Module) -> int:
@@ -293,6 +303,70 @@ def _opaque_hook(mod, args, kwargs, out):
     return (_Opaque.apply(x, out[0].detach()),) + tuple(t.detach() if isinstance(t, Tensor) else t for t in out[1:])
 
 
+# --- GPT-2's MLP: Conv1D units along dim 1 ---------------------------------------------------------
+
+_CONV1D = "transformers.pytorch_utils.Conv1D"  # the registry's key (transformers is never imported here)
+_HIDDEN = "its units are the hidden size (the residual stream, normalised across units by LayerNorm)"
+_CONV1D_LEFT = {  # zero units of the other GPT-2 Conv1D layers, by name
+    "c_attn": "GPT-2's fused query/key/value projection: shrink_model removes no GPT-2 heads",
+    "c_proj": _HIDDEN,
+}
+
+
+def _is_conv1d(mod) -> bool:
+    entry = layer_type(mod)
+    return entry is not None and entry.key == _CONV1D
+
+
+def _gpt2_mlps(model: nn.Module) -> list:
+    """GPT-2's MLP blocks (GPT2MLP and its copies): ``c_proj(act(c_fc(x)))``, two Conv1D."""
+    return [(n, m) for n, m in model.named_modules()
+            if _is_conv1d(getattr(m, "c_fc", None)) and _is_conv1d(getattr(m, "c_proj", None))
+            and hasattr(m, "act") and m.c_proj.weight.shape[0] == m.c_fc.weight.shape[1]]
+
+
+def _shrink_gpt2_mlp(name, mlp, model, example_inputs, stats: dict, excluded: set, report) -> None:
+    """Remove c_fc's zero units (columns of its ``[in, out]`` weight) and c_proj's matching
+    inputs (rows); each removed unit's constant ``act(bias)``, read at c_proj's input, goes into
+    c_proj's bias (the bias rule, exact: c_proj is a matmul)."""
+    fc, proj = mlp.c_fc, mlp.c_proj
+    n_fc, n_proj = f"{name}.c_fc", f"{name}.c_proj"
+    stats[n_proj].left[_HIDDEN] += stats[n_proj].zero_units
+    zu = zero_units(unit_view(fc)).tolist()
+    if not zu:
+        return
+    for n, layer in ((n_fc, fc), (n_proj, proj)):
+        if _hooked(layer):
+            raise _hooks_error(n)
+    if n_fc in excluded or n_proj in excluded:
+        stats[n_fc].left["excluded" if n_fc in excluded else f"its consumer {n_proj} is excluded"] += len(zu)
+        return
+    seen = _input_stats(model, example_inputs, [proj]).get(proj)
+    if seen is None:
+        stats[n_fc].left["not reached by example_inputs"] += len(zu)
+        return
+    lo, hi = seen
+    gone = [j for j in zu if lo[j] == hi[j]]
+    if len(gone) < len(zu):
+        stats[n_fc].left[f"the channel it feeds {n_proj} is not constant over example_inputs"] += len(zu) - len(gone)
+    if gone and len(gone) == fc.nf:
+        stats[n_fc].left["every unit is zero: one is kept so that the layer keeps an output"] += 1
+        gone = gone[1:]
+    if not gone:
+        return
+    with torch.no_grad():
+        idx = torch.tensor(gone, device=proj.weight.device)
+        c = lo.to(proj.weight.device)[idx]
+        proj.bias.copy_((proj.bias.double() + proj.weight.index_select(0, idx).double().t() @ c).to(proj.bias.dtype))
+        keep = torch.tensor(sorted(set(range(fc.nf)) - set(gone)), device=fc.weight.device)
+        for layer, dim, param in ((fc, 1, "weight"), (fc, 0, "bias"), (proj, 0, "weight")):
+            old = getattr(layer, param)
+            setattr(layer, param, nn.Parameter(old.index_select(dim, keep), requires_grad=old.requires_grad))
+    fc.nf = len(keep)
+    proj.nx = len(keep)
+    report.folded.append(n_proj)
+
+
 # --- dependency groups ------------------------------------------------------------------------
 
 def _op_name(node) -> str:
@@ -350,7 +424,7 @@ def _input_stats(model, example_inputs, consumers) -> dict:
 
     def hook(mod, args):
         x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]) if isinstance(mod, nn.Linear) else \
+        x = x.reshape(-1, x.shape[-1]) if mod.weight.ndim == 2 else \
             x.movedim(1 if x.ndim == mod.weight.ndim else 0, 0).reshape(mod.in_channels, -1).t()
         lo, hi = x.amin(0).double(), x.amax(0).double()
         if mod in stats:
@@ -506,9 +580,17 @@ def shrink_model(model: nn.Module, example_inputs, *, exclude=(), verify: bool =
     reference = _run(new, example_inputs)
 
     report = ShrinkReport(params_before=_count(new))
-    layers = [(n, m) for n, m in new.named_modules() if isinstance(m, LAYER_TYPES)]
-    stats = {n: LayerShrink(n, m.weight.shape[0], m.weight.shape[0], len(zero_units(m.weight))) for n, m in layers}
-    report.layers = [stats[n] for n, _ in layers]
+    # a row for every registered layer (td.register_layer): every zero unit is removed or left with a reason
+    rows = [(n, m) for n, m in new.named_modules() if layer_type(m) is not None]
+    stats = {n: LayerShrink(n, unit_view(m).shape[0], unit_view(m).shape[0], len(zero_units(unit_view(m))))
+             for n, m in rows}
+    report.layers = [stats[n] for n, _ in rows]
+    layers = [(n, m) for n, m in rows if isinstance(m, LAYER_TYPES)]  # what the dependency graph cuts
+
+    mlps = _gpt2_mlps(new)
+    for name, mlp in mlps:
+        _shrink_gpt2_mlp(name, mlp, new, example_inputs, stats, excluded, report)
+    in_mlp = {id(getattr(m, p)) for _, m in mlps for p in ("c_fc", "c_proj")}
 
     attention = _attention_modules(new)
     for name, attn in attention:
@@ -542,8 +624,17 @@ def shrink_model(model: nn.Module, example_inputs, *, exclude=(), verify: bool =
             continue
         done |= _shrink_group(DG, tp, layer, new, example_inputs, names, stats, excluded_mods, report, cache)
 
-    for n, m in layers:
-        stats[n].kept = m.weight.shape[0]
+    for n, m in rows:
+        stats[n].kept = unit_view(m).shape[0]
+        if not isinstance(m, LAYER_TYPES) and id(m) not in in_mlp and stats[n].zero_units:
+            leaf = n.rpartition(".")[2]
+            stats[n].left[_CONV1D_LEFT.get(leaf) if _is_conv1d(m) and leaf in _CONV1D_LEFT else
+                          f"a {type(m).__name__}: shrink_model removes units of nn.Linear, nn.ConvNd and GPT-2 "
+                          "MLP's c_fc"] += stats[n].zero_units
+    for _, layer, tdm in targeted_dropout_modules(new):  # the copy keeps targeted dropout: new shapes
+        v = unit_view(layer)
+        tdm._attach(v.shape[0], _fan_in(v))
+        _relayout(layer, tdm.layer_type, units_first=True)
     report.params_after = _count(new)
     for m, t in training.items():
         m.training = t

@@ -10,7 +10,7 @@ def _csv(text: str) -> tuple:
 
 
 def _demo_parser(sub) -> None:
-    from .demo import DEFAULT_METHODS, METHODS, MODELS  # light: no training at import
+    from .demo import DEFAULT_METHODS, METHODS, MODEL_METHODS, MODELS  # light: no training at import
 
     p = sub.add_parser("demo", help="train small nets on 8x8 digits and tabulate accuracy vs pruning (Table 2)",
                        description="Reproduce the shape of the paper's Table 2 on scikit-learn's 8x8 digits: "
@@ -27,8 +27,9 @@ def _demo_parser(sub) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (default: ./demo_out)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", default="auto", help="td_kernels backend for the targeted ops (default: auto)")
-    p.add_argument("--methods", type=_csv, default=DEFAULT_METHODS,
-                   help=f"comma-separated, from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--methods", type=_csv, default=None,
+                   help=f"comma-separated, from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
+                        f"the ResNet: {','.join(MODEL_METHODS['resnet'])})")
     p.add_argument("--models", type=_csv, default=tuple(MODELS),
                    help=f"comma-separated, from {','.join(MODELS)} (default: all)")
     p.add_argument("--threads", type=int, default=None,

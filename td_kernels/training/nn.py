@@ -193,13 +193,30 @@ class TargetedDropout(nn.Module):
     targ_rate)`` (``mode="weight"``), ``td.targeted_unit_dropout(...)`` (``"unit"``) or
     ``td.targeted_nm_dropout(w, drop_rate, n=n, m=m)`` (``"nm"``, where ``targ_rate`` is None:
     each group of m weights has exactly m - n candidates) with units along ``unit_dim``, seeded
-    ``b + c`` (then ``c += 1``, see the module docstring); ``w`` itself in eval mode. The rates
-    may be reassigned at any time (schedules do). It has no parameters or buffers.
+    ``b + c`` (then ``c += 1``, see the module docstring); ``w`` itself in eval mode. It has no
+    parameters or buffers.
+
+    Rates: ``drop_rate`` / ``targ_rate`` are the rates the next training forward uses. Assigning
+    one by hand (``layer.targeted_dropout.drop_rate = 0.5``) takes effect at the next forward,
+    never recompiles a compiled model, and also sets the layer's base rate
+    (``base_drop_rate`` / ``base_targ_rate``): the rate the layer was given, which a schedule
+    created later ramps to (like an LR scheduler's ``initial_lr``). A schedule changes only the
+    current rates, so a second schedule, or one on a ``deepcopy`` of a scheduled model, still
+    ramps to the rates the layer was given. A live schedule's next ``step()`` overwrites a rate
+    set by hand, with a warning.
     """
 
     def __init__(self, drop_rate: float, targ_rate: Optional[float] = None, mode: str = "weight",
                  backend: str = "auto", *, n: Optional[int] = None, m: Optional[int] = None, unit_dim: int = 0,
                  mask: Optional[str] = None):
+        """Targeted dropout settings for one layer (``apply_targeted_dropout`` makes one per layer).
+
+        ``drop_rate`` (alpha) and ``targ_rate`` (gamma; None for ``mode="nm"``): the rates, also
+        the base rates schedules ramp to. ``mode``: ``"weight"``, ``"unit"`` or ``"nm"`` (with
+        ``n``:``m``, default 2:4). ``backend``: a registered backend or ``"auto"``. ``unit_dim``:
+        the dimension of the weight that indexes units. ``mask``: ``"bits"`` or ``"recompute"``
+        (what the backward of weight and N:M targeting reads; default ``td.api.DEFAULT_MASK``).
+        Draws the base seed of its random stream from torch's default generator."""
         super().__init__()
         self.mode = _check_mode(mode)
         # what the backward reads (weight and N:M targeting): a 1-bit mask or a recompute
@@ -234,10 +251,9 @@ class TargetedDropout(nn.Module):
         return self._drop_rate
 
     @drop_rate.setter
-    def drop_rate(self, value) -> None:
-        self._drop_rate = _check_rate("drop_rate", value)
-        self._rates[0] = self._drop_rate
-        self._sync_params()
+    def drop_rate(self, value) -> None:  # by hand: the current and the base rate
+        self._set_drop(value)
+        self.base_drop_rate = self._drop_rate
 
     @property
     def targ_rate(self) -> Optional[float]:
@@ -245,6 +261,21 @@ class TargetedDropout(nn.Module):
 
     @targ_rate.setter
     def targ_rate(self, value) -> None:
+        self._set_targ(value)
+        self.base_targ_rate = self._targ_rate
+
+    def _set_scheduled(self, drop_rate: float, targ_rate: Optional[float]) -> None:
+        """What a schedule sets: the current rates only (``targ_rate`` None leaves it)."""
+        self._set_drop(drop_rate)
+        if targ_rate is not None:
+            self._set_targ(targ_rate)
+
+    def _set_drop(self, value) -> None:
+        self._drop_rate = _check_rate("drop_rate", value)
+        self._rates[0] = self._drop_rate
+        self._sync_params()
+
+    def _set_targ(self, value) -> None:
         if self.mode == "nm":
             if value is not None:
                 raise ValueError("targ_rate has no meaning for mode='nm' (each group of m weights has exactly m - n "
@@ -570,8 +601,13 @@ def apply_targeted_dropout(model: nn.Module, drop_rate: float, targ_rate: Option
     skipped with a warning; a model with nothing left to target raises ValueError.
     ``apply_to="output"`` (unit mode only) masks the layer's output channels instead, keeping
     their bias. ``mask`` ("bits" or "recompute"; default ``td.api.DEFAULT_MASK``) picks what the
-    backward of weight and N:M targeting reads (see :func:`td.targeted_weight_dropout`). Each layer draws its base seed from torch's default generator, in
-    ``named_modules()`` order (see the module docstring)."""
+    backward of weight and N:M targeting reads (see :func:`td.targeted_weight_dropout`). Each
+    layer draws its base seed from torch's default generator, in ``named_modules()`` order (see
+    the module docstring).
+
+    A model with BatchNorm gets a warning: in training mode BatchNorm collects the statistics of
+    the targeted network, which do not fit the full (or pruned) network that ``eval()`` runs;
+    ``td.recalibrate_batchnorm(model, data)`` recomputes them before evaluating."""
     _check_model(model)
     _check_mode(mode)
     n, m = _check_nm_args(mode, n, m)
@@ -606,6 +642,13 @@ def apply_targeted_dropout(model: nn.Module, drop_rate: float, targ_rate: Option
         tdm._attach(v.shape[0], _fan_in(v))
         _relayout(layer, entry, units_first=True)
         _install(layer, tdm)
+    bns = [name for name, mod in model.named_modules()
+           if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats]
+    if bns:
+        warnings.warn(f"model has BatchNorm ({', '.join(map(repr, bns[:3]))}{', ...' if len(bns) > 3 else ''}): in "
+                      "training mode it collects the statistics of the targeted network, which do not fit the full "
+                      "(or pruned) network that eval() runs; call td.recalibrate_batchnorm(model, data) before "
+                      "evaluating (or td.prune_model(..., recalibrate=data))", stacklevel=2)
     return [name for name, _ in layers]
 
 

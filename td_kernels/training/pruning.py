@@ -30,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops, reference
 from .._params import _fan_in, nm_params, unit_params, weight_params
+from .batchnorm import _check_data, batchnorm_modules, recalibrate_batchnorm
 from .nn import (LAST_LINEAR, _check_mode, _check_model, _check_nm_args, _check_rate, _nothing_to, _select,
                  layer_type, prunable_layers)
 
@@ -120,7 +121,7 @@ def _prune_in_place(p: nn.Parameter, keep: Tensor) -> None:
 
 def prune_model(model: nn.Module, rate: Optional[float] = None, mode: str = "weight", exclude=LAST_LINEAR, *,
                 n: Optional[int] = None, m: Optional[int] = None, backend: str = "auto",
-                permanent: bool = True) -> list[str]:
+                permanent: bool = True, recalibrate=None) -> list[str]:
     """Prune every registered layer of ``model`` except ``exclude`` (default: the output head)
     per unit at ``rate`` (``mode="weight"`` / ``"unit"``) or to the exact ``n:m`` pattern
     (``mode="nm"``, default 2:4, no rate); returns the names of the pruned layers.
@@ -129,7 +130,11 @@ def prune_model(model: nn.Module, rate: Optional[float] = None, mode: str = "wei
     while fine-tuning (see the module docstring). ``permanent=False``: torch's ``weight_orig`` /
     ``weight_mask`` reparametrization. Tied weights, and for N:M layers whose fan-in ``m`` does
     not divide, are skipped with a warning. Works with targeted dropout on (the layer's weight
-    stays a plain Parameter)."""
+    stays a plain Parameter).
+
+    ``recalibrate``: data (an iterable of batches, see :func:`td.recalibrate_batchnorm`) over
+    which every BatchNorm's running statistics are recomputed after pruning: pruning changes the
+    activations BatchNorm normalises, and the statistics from training no longer fit them."""
     _check_model(model)
     _check_mode(mode)
     n, m = _check_nm_args(mode, n, m)
@@ -139,6 +144,10 @@ def prune_model(model: nn.Module, rate: Optional[float] = None, mode: str = "wei
     layers = _select(model, prunable_layers(model, exclude), "prune_model", m=m)
     if not layers:
         raise _nothing_to("prune_model", model, exclude)
+    if recalibrate is not None:  # before pruning, so that bad data leaves the model as it was
+        _check_data(recalibrate, "recalibrate")
+        if not batchnorm_modules(model):
+            raise ValueError("recalibrate: the model has no BatchNorm with running statistics to recalibrate")
     for _, layer in layers:
         entry = layer_type(layer)
         method = dict(rate=rate, mode=mode, backend=backend, n=n, m=m, unit_dim=entry.unit_dim)
@@ -153,6 +162,8 @@ def prune_model(model: nn.Module, rate: Optional[float] = None, mode: str = "wei
             keep = getattr(layer, entry.param + "_mask").bool()
             prune.remove(layer, entry.param)
             _prune_in_place(layer._parameters[entry.param], keep)
+    if recalibrate is not None:
+        recalibrate_batchnorm(model, recalibrate)
     return [name for name, _ in layers]
 
 

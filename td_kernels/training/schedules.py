@@ -10,11 +10,24 @@ Ramp (section 5.5), over ``total_steps`` steps, for each targeted layer with fin
     drop_rate: 0 -> alpha linearly over the whole ramp;
 then constant at exactly (alpha, gamma). N:M layers (``mode="nm"``) have no targ_rate: only their
 drop_rate ramps.
+
+Base rates. By default the final rates are each layer's base rates (``base_drop_rate``,
+``base_targ_rate`` on its TargetedDropout): the rates given to ``apply_targeted_dropout`` or
+assigned by hand since. A schedule sets only the current rates and never the base ones (as an LR
+scheduler keeps ``initial_lr`` beside ``lr``), so a second schedule on the same model, or a
+schedule on a ``deepcopy`` of a scheduled model, ramps to the rates the model was given, not to
+the ramp's current 0. ``state_dict()`` holds the final rates and the position.
+
+Two drivers. ``step()`` warns when a layer's rates are not the ones this schedule set at its
+last step: they were set by hand, or another schedule steps the same layer. The step overwrites
+them either way; to change where a ramp ends, assign the rates by hand and create a new schedule.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
+import weakref
 from typing import Iterable
 
 from torch import nn
@@ -60,22 +73,31 @@ def xtreme_targ_rate(fan_in: int, keep: int) -> float:
     return rate
 
 
-def _targets(model_or_modules) -> list[TargetedDropout]:
+def _targets(model_or_modules) -> tuple[list[TargetedDropout], list[str]]:
+    """The TargetedDropout modules and names for messages (layer names where there is a model)."""
     if isinstance(model_or_modules, TargetedDropout):
         mods = [model_or_modules]
+        names = ["the TargetedDropout"]
     elif isinstance(model_or_modules, nn.Module):
-        mods = [t for _, _, t in targeted_dropout_modules(model_or_modules)]
+        found = list(targeted_dropout_modules(model_or_modules))
+        mods, names = [t for _, _, t in found], [n for n, _, _ in found]
     elif isinstance(model_or_modules, Iterable):
         mods = list(model_or_modules)
         for m in mods:
             if not isinstance(m, TargetedDropout):
                 raise TypeError(f"model_or_modules must hold TargetedDropout modules, got {type(m).__name__}")
+        names = [f"module {i}" for i in range(len(mods))]
     else:
         raise TypeError("model_or_modules must be an nn.Module or an iterable of TargetedDropout, "
                         f"got {type(model_or_modules).__name__}")
     if not mods:
         raise ValueError("model_or_modules has no targeted dropout: call apply_targeted_dropout(model, ...) first")
-    return mods
+    return mods, names
+
+
+# TargetedDropout -> weakref to the schedule that set its rates last: tells "by another schedule"
+# from "by hand" in step()'s warning; outside the module, so pickling a model never meets it
+_LAST_SETTER = weakref.WeakKeyDictionary()
 
 
 def _check_steps(total_steps) -> int:
@@ -90,20 +112,22 @@ class RampSchedule:
     """Ramping targeted dropout (section 5.5) over ``total_steps`` calls of ``step()``.
 
     ``model_or_modules``: a model (every TargetedDropout in it) or TargetedDropout modules.
-    ``drop_rate`` / ``targ_rate``: the final rates; ``None`` keeps each module's own rates
-    at construction (like an LR scheduler's base_lrs). ``targ_rate`` does not apply to N:M
-    modules (their candidates are fixed by the pattern): they ramp their drop_rate only."""
+    ``drop_rate`` / ``targ_rate``: the final rates; ``None`` takes each module's base rates
+    (``base_drop_rate`` / ``base_targ_rate``: the rates it was given, like an LR scheduler's
+    ``initial_lr``), never the current ones another schedule may have lowered. ``targ_rate``
+    does not apply to N:M modules (their candidates are fixed by the pattern): they ramp their
+    drop_rate only. Constructing it sets the step-0 rates at once (the current rates only)."""
 
     def __init__(self, model_or_modules, total_steps: int, *, drop_rate: float | None = None,
                  targ_rate: float | None = None):
-        self.modules = _targets(model_or_modules)
+        self.modules, self._names = _targets(model_or_modules)
         self.total_steps = _check_steps(total_steps)
         n = len(self.modules)
-        self.final_drop = [m.drop_rate for m in self.modules] if drop_rate is None \
+        self.final_drop = [m.base_drop_rate for m in self.modules] if drop_rate is None \
             else [_check_rate("drop_rate", drop_rate)] * n
         if targ_rate is not None:
             targ_rate = _check_rate("targ_rate", targ_rate)
-        self.final_targ = [None if m.mode == "nm" else m.targ_rate if targ_rate is None else targ_rate
+        self.final_targ = [None if m.mode == "nm" else m.base_targ_rate if targ_rate is None else targ_rate
                            for m in self.modules]
         self.step_count = 0
         self._apply()
@@ -115,12 +139,29 @@ class RampSchedule:
                 for d, t in zip(self.final_drop, self.final_targ)]
 
     def _apply(self) -> None:
-        for m, (d, t) in zip(self.modules, self.rates()):
-            m.drop_rate = d
-            if t is not None:
-                m.targ_rate = t
+        self._set = self.rates()
+        me = weakref.ref(self)
+        for m, (d, t) in zip(self.modules, self._set):
+            m._set_scheduled(d, t)
+            _LAST_SETTER[m] = me
+
+    def _check_undisturbed(self) -> None:
+        """Warn if a layer's rates are not the ones this schedule set last."""
+        by_hand, by_other = [], []
+        for name, m, (d, t) in zip(self._names, self.modules, self._set):
+            if m.drop_rate != d or (t is not None and m.targ_rate != t):
+                setter = _LAST_SETTER.get(m)
+                (by_other if setter is not None and setter() not in (None, self) else by_hand).append(name)
+        for names, how in ((by_other, "another schedule steps them too"), (by_hand, "they were set by hand, or by a schedule since deleted")):
+            if names:
+                shown = ", ".join(map(repr, names[:3])) + (", ..." if len(names) > 3 else "")
+                warnings.warn(f"{type(self).__name__}.step(): the rates of {shown} are not the ones this schedule "
+                              f"set ({how}); this step overwrites them. To ramp to other rates, assign them by hand "
+                              "and create a new schedule (it ramps to the base rates), or pass drop_rate=/targ_rate=",
+                              stacklevel=3)
 
     def step(self) -> None:
+        self._check_undisturbed()
         self.step_count += 1
         self._apply()
 
@@ -168,6 +209,6 @@ class XtremeSchedule(RampSchedule):
                 raise ValueError(f"keep={keep} exceeds the fan-in {fan_in} of layer {name!r}")
             targ.append(xtreme_targ_rate(fan_in, int(keep)))
         self.keep = int(keep)
-        super().__init__([t for _, _, t in found], total_steps, drop_rate=drop_rate)
+        super().__init__(model, total_steps, drop_rate=drop_rate)  # the layers of `found`, in order
         self.final_targ = targ
         self._apply()
