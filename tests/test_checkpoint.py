@@ -146,15 +146,14 @@ def _grads(forward, model, xs, gs, order):
     return [model.a.weight.grad, model.b.weight.grad]
 
 
-@pytest.mark.parametrize("case", ["compiled-checkpoints", "inductor-recomputes", "checkpoint-of-compiled"])
+@pytest.mark.parametrize("case", ["inductor-recomputes", "checkpoint-of-compiled"])
 def test_compiled_forwards_draw_their_own_masks(case):
-    """The compiled model checkpointing its body; the compiled model without checkpointing
-    (inductor's partitioner recomputes what is cheap: the mask format "recompute" made it
-    rebuild the seed from the layer's counter after the forward had advanced it); a compiled
-    module checkpointed from eager code. Same gradients as the eager model without
-    checkpointing, whose masks the eager test pins."""
+    """The compiled model (inductor's partitioner recomputes what is cheap: with the mask format
+    "recompute" it rebuilt the seed from the layer's counter after the forward had advanced it,
+    another mask); a compiled module checkpointed from eager code. Same gradients as the eager
+    model, whose masks the eager test pins."""
     torch.manual_seed(0)
-    model = _targeted(_Block(use_checkpoint=case == "compiled-checkpoints"), "weight", "recompute")
+    model = _targeted(_Block(), "weight", "recompute")
     eager = copy.deepcopy(model)  # the same seeds
     eager.use_checkpoint = False
     compiled = torch.compile(model)
@@ -167,6 +166,15 @@ def test_compiled_forwards_draw_their_own_masks(case):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
     assert torch.equal(td.get_rng_state(model), td.get_rng_state(eager))
+
+
+def test_compiling_a_checkpointed_region_raises():
+    """torch.compile traces checkpoint into its own recomputation, which would run the layer's
+    seed counter again in the backward: a clear error at compile time, not another mask."""
+    torch.manual_seed(0)
+    model = _targeted(_Block(use_checkpoint=True), "weight", "bits")
+    with pytest.raises(Exception, match="inside torch.utils.checkpoint"):
+        torch.compile(model)(torch.randn(3, 16, requires_grad=True))
 
 
 def test_reentrant_checkpoint_of_a_compiled_module_raises():
