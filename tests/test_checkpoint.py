@@ -44,6 +44,12 @@ def _targeted(model, mode, mask, apply_to="weight"):
     return model
 
 
+def _small(mode="weight", mask="bits", apply_to="weight"):
+    """A targeted Linear(16, 8), first of two modules (checkpoint_sequential's first segment)."""
+    torch.manual_seed(0)
+    return _targeted(nn.Sequential(nn.Linear(16, 8), nn.Identity()), mode, mask, apply_to)
+
+
 def _capture(layer, masks):
     """Record, for every forward outside a backward, the keep mask (shape of the weight) the
     layer used: the targeted weight's non-zeros (a random normal weight has no zero of its
@@ -105,8 +111,7 @@ def _run(forward, xs, gs, order):
 @pytest.mark.parametrize("wrap", WRAPS)
 @pytest.mark.parametrize("targeting", TARGETING)
 def test_each_forward_draws_its_own_mask(targeting, wrap):
-    torch.manual_seed(0)
-    model = _targeted(nn.Sequential(nn.Linear(16, 8), nn.Identity()), *TARGETING[targeting])
+    model = _small(*TARGETING[targeting])
     layer = model[0]
     masks = []
     _capture(layer, masks)
@@ -189,8 +194,7 @@ def test_reentrant_checkpoint_of_a_compiled_module_raises():
 
 # ---- what cannot be told apart raises ----------------------------------------------------------
 def test_recompute_without_the_saved_random_state_raises():
-    torch.manual_seed(0)
-    model = _targeted(nn.Sequential(nn.Linear(16, 8), nn.Identity()), "weight", "bits")
+    model = _small()
     x = torch.randn(3, 16, requires_grad=True)
     for use_reentrant in (False, True):
         out = checkpoint(model, x, use_reentrant=use_reentrant, preserve_rng_state=False)
@@ -199,8 +203,7 @@ def test_recompute_without_the_saved_random_state_raises():
 
 
 def test_two_forwards_from_one_random_state_raise():
-    torch.manual_seed(0)
-    model = _targeted(nn.Sequential(nn.Linear(16, 8), nn.Identity()), "weight", "bits")
+    model = _small()
     x = torch.randn(3, 16, requires_grad=True)
     outs = []
     for _ in range(2):
@@ -212,8 +215,7 @@ def test_two_forwards_from_one_random_state_raise():
 
 def test_a_recompute_older_than_the_window_raises(monkeypatch):
     monkeypatch.setattr(td.nn, "RECOMPUTE_WINDOW", 3)
-    torch.manual_seed(0)
-    model = _targeted(nn.Sequential(nn.Linear(16, 8), nn.Identity()), "weight", "bits")
+    model = _small()
     x = torch.randn(3, 16, requires_grad=True)
     outs = [checkpoint(model, x, use_reentrant=False) for _ in range(4)]
     outs[3].sum().backward()  # within the window
@@ -286,7 +288,7 @@ def test_deepcopy_draws_the_same_masks_until_reseeded():
 def test_reseed_checks_its_arguments():
     with pytest.raises(ValueError, match="no targeted dropout"):
         td.reseed(nn.Linear(4, 4))
-    model = _targeted(nn.Sequential(nn.Linear(16, 8), nn.Identity()), "weight", "bits")
+    model = _small()
     with pytest.raises(TypeError, match="generator"):
         td.reseed(model, generator=7)
     with pytest.raises(TypeError, match="model"):

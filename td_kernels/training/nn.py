@@ -407,7 +407,7 @@ class TargetedDropout(nn.Module):
     def _next_params(self) -> Tensor:
         """``[b + c, *params tail]`` of this training forward (the op's params once attached),
         then ``c += 1``; in a re-run forward, the params of the forward it rebuilds (see the
-        module docstring). One graph node per layer under torch.compile."""
+        module docstring). One op per layer under torch.compile."""
         if torch.compiler.is_compiling():
             return _next_params_op(self._state, self._inc)
         return _params_of_this_forward(self._state, self._inc, _may_be_rerun())
