@@ -41,7 +41,7 @@ from .api import (prune_nm, prune_units, prune_weights, targeted_nm_dropout, tar
                   targeted_weight_dropout)
 from .training import nn  # noqa: E402
 from .training.nn import (TargetedDropout, apply_targeted_dropout, get_rng_state, register_layer,  # noqa: E402
-                          remove_targeted_dropout, set_rng_state)
+                          remove_targeted_dropout, reseed, set_rng_state)
 from .training.schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate  # noqa: E402
 from .training.pruning import TargetedPruning, prune_model, sparsity_report  # noqa: E402
 from .training.batchnorm import recalibrate_batchnorm  # noqa: E402
@@ -54,7 +54,7 @@ __all__ = [
     "prune_nm",
     "available_backends", "reference", "ops", "Backend",
     "nn", "TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout", "register_layer",
-    "get_rng_state", "set_rng_state",
+    "get_rng_state", "set_rng_state", "reseed",
     "RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "TargetedPruning", "prune_model", "sparsity_report",
     "recalibrate_batchnorm",
     "shrink_model", "ShrinkReport", "to_semi_structured", "is_nm_sparse", "nm_violations",

@@ -26,8 +26,21 @@ the same masks at every step, whatever else it draws from the default generator,
 collective; ``get_rng_state`` / ``set_rng_state`` save and restore ``(b, c)`` for exact resume.
 ``b + c`` lives in an int64 CPU tensor held as a plain attribute (not a buffer: ``.to()`` leaves
 it on the CPU and ``state_dict()`` does not see it), beside the op's other params; a compiled
-model reads the seed and advances ``c`` with tensor ops, so a new step is new data, never a
-recompile.
+model reads the seed and advances ``c`` in one op, so a new step is new data, never a
+recompile. :func:`reseed` draws new base seeds (a deep copy keeps its source's).
+
+Re-run forwards: activation checkpointing runs a forward again during the backward to rebuild
+its activations, and that run must draw the mask of the forward it rebuilds, whatever the number
+and order of forwards and backwards in between. ``torch.utils.checkpoint`` saves torch's default
+CPU generator before the forward and restores it for the re-run (``preserve_rng_state``, the
+default). So a forward that checkpoint may re-run (under its saved-tensor hooks, or with grad
+disabled: the reentrant variant's forward) draws one key from that generator and records its
+params under it; a forward during a backward draws the key again, from the restored generator,
+and takes the params recorded under it, advancing nothing. The last ``RECOMPUTE_WINDOW`` such
+forwards per layer are kept; a re-run that matches none of them, or two forwards recorded under
+one key, raise instead of drawing some other mask. Under torch.compile the params come from one
+opaque op (``td_kernels::next_params``), so inductor never rebuilds them from the advanced
+counter and an eager checkpoint of a compiled module re-runs the same bookkeeping.
 
 Unit mode can act on the layer's *output* instead (``apply_to="output"``): the same forward
 replaces the output channels of dropped units by the bias, ``out = where(keep, x W^T + b, b)``,
@@ -36,15 +49,19 @@ not biases, section 2.1) without ever writing a masked copy of W.
 """
 from __future__ import annotations
 
+import collections
 import numbers
 import types
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import traceback as fx_traceback
+from torch.utils.checkpoint import CheckpointPolicy
 
 from .. import api, ops, reference
 from .._params import _check_rate, _fan_in, _is_dtensor, _seed_tensor, capturing
@@ -52,7 +69,7 @@ from .._registry import check_name
 
 __all__ = ["TargetedDropout", "apply_targeted_dropout", "remove_targeted_dropout", "targeted_dropout_modules",
            "prunable_layers", "register_layer", "layer_type", "unit_view", "LayerType", "get_rng_state",
-           "set_rng_state", "LAST_LINEAR"]
+           "set_rng_state", "reseed", "LAST_LINEAR", "RECOMPUTE_WINDOW"]
 
 MODES = ("weight", "unit", "nm")
 # A layer's seed b + c (module docstring) lives on the host and advances in Python: a CUDA graph
@@ -71,6 +88,7 @@ MODULE_CAPTURE_ERROR = (
 LAST_LINEAR = "last_linear"
 ATTR = "targeted_dropout"  # the submodule holding a targeted layer's settings
 SEED_BASE_LIMIT = 2**62    # b + c stays below the SPEC's 2**63 for 2**62 forwards
+RECOMPUTE_WINDOW = 256     # per layer: the re-runnable forwards whose re-run can still be matched
 
 
 def _check_mode(mode) -> str:
@@ -185,6 +203,117 @@ def _forward_with(entry: LayerType, layer: nn.Module, w: Tensor, args, kwargs):
         return type(layer).forward(layer, *args, **kwargs)
 
 
+# ---- the params of a forward, and of the forward a re-run rebuilds -------------------------------
+def _draw_base(generator: Optional[torch.Generator]) -> int:
+    """A base seed in ``[0, 2**62)``; device="cpu" even under a meta device context."""
+    return int(torch.randint(0, SEED_BASE_LIMIT, (), dtype=torch.int64, device="cpu", generator=generator))
+
+
+_FORWARDS: dict = {}  # id(a layer's state tensor) -> its recorded forwards, freed with the tensor
+
+
+def _forwards_of(state: Tensor) -> collections.OrderedDict:
+    """key -> [params, rebuilt]: the layer's last re-runnable forwards (params None: two
+    forwards under one key). Kept beside the state tensor, not on it, so that copies, pickles
+    and state dicts never carry it."""
+    table = _FORWARDS.get(id(state))
+    if table is None:
+        table = _FORWARDS[id(state)] = collections.OrderedDict()
+        weakref.finalize(state, _FORWARDS.pop, id(state), None)
+    return table
+
+
+def _under_saved_tensor_hooks() -> bool:
+    # torch.utils.checkpoint(use_reentrant=False), and so checkpoint_sequential, selective
+    # checkpointing and transformers, runs the forward under its saved-tensor hooks
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def _may_be_rerun() -> bool:
+    """Whether activation checkpointing may run this eager forward again: under its saved-tensor
+    hooks (non-reentrant) or with grad disabled (the reentrant variant's forward)."""
+    return not torch.is_grad_enabled() or _under_saved_tensor_hooks()
+
+
+def _rerun_error(why: str) -> RuntimeError:
+    return RuntimeError(
+        f"a targeted dropout layer ran a training forward during a backward, {why}, so it cannot draw that "
+        "forward's mask again. Activation checkpointing is exact when torch.utils.checkpoint restores torch's "
+        "random state for the re-run (preserve_rng_state=True, the default) and each forward starts from its own "
+        "random state. Not supported: preserve_rng_state=False; use_reentrant=True around a torch.compile'd "
+        "module (use use_reentrant=False, or compile the module that calls checkpoint); a forward called from a "
+        "backward hook; torch.manual_seed with one seed before several checkpointed forwards; more than "
+        f"td_kernels.nn.RECOMPUTE_WINDOW={RECOMPUTE_WINDOW} checkpointed forwards of the layer between a forward "
+        "and its re-run.")
+
+
+def _params_of_this_forward(state: Tensor, inc: Tensor, may_be_rerun: bool) -> Tensor:
+    """The params of this forward of the layer whose ``[b + c, *tail]`` is ``state``: a new
+    forward takes ``state`` and advances it by ``inc`` (``c += 1``); a forward during a backward
+    is a re-run and takes the params recorded for the forward it rebuilds."""
+    in_backward = torch._C._current_graph_task_id() != -1
+    if not (in_backward or may_be_rerun):  # the hot path: no bookkeeping
+        params = state.clone()
+        state.add_(inc)
+        return params
+    # the bookkeeping stays out of sight of dispatch modes: selective checkpointing matches the
+    # re-run's ops to the forward's by count, and the two paths below run different ops
+    with torch._C._DisableTorchDispatch():
+        # one draw from the generator checkpoint saves before the forward and restores for the re-run
+        key = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device="cpu"))
+        forwards = _forwards_of(state)
+        if in_backward:
+            entry = forwards.get(key)
+            if entry is None:
+                raise _rerun_error("but matches none of its recorded forwards")
+            if entry[0] is None:
+                raise _rerun_error("and two of its forwards started from the same torch random state")
+            entry[1] = True
+            return entry[0].clone()
+        params = state.clone()
+        state.add_(inc)
+        old = forwards.pop(key, None)
+        # a key seen before: fine once that forward was rebuilt (torch.manual_seed(s) every step),
+        # ambiguous while its re-run may still come
+        forwards[key] = [params if old is None or old[1] else None, False]
+        while len(forwards) > RECOMPUTE_WINDOW:
+            forwards.popitem(last=False)
+        return params
+
+
+def _next_params_impl(state: Tensor, inc: Tensor) -> Tensor:
+    """``td_kernels::next_params``: a compiled layer's params (:func:`_params_of_this_forward`).
+    Opaque to inductor: as a clone and an in-place add of the counter, the partitioner rebuilt
+    the params in the backward from the counter the forward had advanced (another mask); and at
+    run time it is the one place that sees an eager checkpoint re-run the compiled module. A
+    compiled forward runs with grad disabled, so only the saved-tensor hooks tell that checkpoint
+    may re-run it."""
+    return _params_of_this_forward(state, inc, _under_saved_tensor_hooks())
+
+
+# defined with torch.library.Library rather than custom_op: ~5 us per call over the Python body
+# where custom_op's wrappers cost ~60 us (2-core VM under load), once per targeted layer per step
+_LIB = torch.library.Library("td_kernels", "FRAGMENT")
+_LIB.define("next_params(Tensor(a!) state, Tensor inc) -> Tensor")
+_LIB.impl("next_params", _next_params_impl, "CompositeExplicitAutograd")
+_next_params_op = torch.ops.td_kernels.next_params.default
+
+
+@torch.library.register_fake("td_kernels::next_params", lib=_LIB)
+def _(state, inc):
+    # traced (by AOTAutograd) inside a region that torch.compile checkpoints: every op there is
+    # tagged for recomputation, and inductor would run this one again in the backward, from the
+    # counter the forward advanced, with no way to tell which forward it rebuilds
+    if fx_traceback.current_meta.get("recompute") in (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE):
+        raise RuntimeError(
+            "torch.compile of a model that runs a targeted dropout layer inside torch.utils.checkpoint (or "
+            "transformers' gradient checkpointing) is not supported: the compiled backward would re-run the layer's "
+            "seed counter and draw another mask. Use one of: checkpoint from eager code around compiled modules "
+            "(checkpoint(torch.compile(block), x, use_reentrant=False)); torch.compile without checkpointing "
+            "(inductor recomputes what is cheap by itself); eager checkpointing.")
+    return torch.empty_like(state)
+
+
 # ---- the settings module -----------------------------------------------------------------
 class TargetedDropout(nn.Module):
     """Targeted dropout of one layer's weight: the settings and the random stream.
@@ -228,8 +357,8 @@ class TargetedDropout(nn.Module):
         self._rates = torch.zeros(2, dtype=torch.float64, device="cpu")
         # and, once the layer's shape is known (_attach), as the op's int64 params after the
         # seed (k, D, window) in _state = [b + c, *params], kept up to date by the setters: the
-        # compiled forward adds two nodes per layer to the graph (clone, in-place add) instead of
-        # the count/threshold arithmetic, which made the whole-model compile of 84 targeted
+        # compiled forward adds one op per layer to the graph (td_kernels::next_params) instead
+        # of the count/threshold arithmetic, which made the whole-model compile of 84 targeted
         # layers take twice the plain model's time
         self._shape: Optional[tuple] = None
         self._state: Optional[Tensor] = None
@@ -241,7 +370,7 @@ class TargetedDropout(nn.Module):
         self.apply_to = "weight"
         self.layer_type: Optional[LayerType] = None  # set by apply_targeted_dropout
         # the base seed b; device="cpu" even under a meta device context
-        self._base = int(torch.randint(0, SEED_BASE_LIMIT, (), dtype=torch.int64, device="cpu"))
+        self._base = _draw_base(None)
         self._state = torch.tensor([self._base], dtype=torch.int64, device="cpu")  # [b + c, *params tail]
         self._inc = torch.tensor([1], dtype=torch.int64, device="cpu")
 
@@ -324,17 +453,12 @@ class TargetedDropout(nn.Module):
         return self.drop_rate > 0.0 and (self.mode == "nm" or self.targ_rate > 0.0)
 
     def _next_params(self) -> Tensor:
-        """``[b + c, *params tail]`` of this training forward (the op's params once attached);
-        then ``c += 1``. Two graph nodes per layer under torch.compile (clone, in-place add)."""
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-            # a forward run during a backward is activation checkpointing recomputing the last
-            # forward (torch.utils.checkpoint, reentrant or not): it must draw that forward's mask
-            params = self._state.clone()
-            params[0] = max(int(params[0]) - 1, self._base)
-            return params
-        params = self._state.clone()
-        self._state.add_(self._inc)  # in place: under torch.compile a mutation of a graph input, written back
-        return params
+        """``[b + c, *params tail]`` of this training forward (the op's params once attached),
+        then ``c += 1``; in a re-run forward, the params of the forward it rebuilds (see the
+        module docstring). One op per layer under torch.compile."""
+        if torch.compiler.is_compiling():
+            return _next_params_op(self._state, self._inc)
+        return _params_of_this_forward(self._state, self._inc, _may_be_rerun())
 
     def _next_seed(self) -> Tensor:
         """Seed ``b + c`` of this training forward as a 0-dim int64 CPU tensor; then ``c += 1``."""
@@ -703,3 +827,24 @@ def set_rng_state(model: nn.Module, state: Tensor) -> None:
         raise ValueError("state holds a negative count or a base seed >= 2**62: not a td.get_rng_state tensor")
     for t, (base, calls) in zip(found, state.tolist()):
         t._set_rng(base, calls)
+
+
+def reseed(model: nn.Module, generator: Optional[torch.Generator] = None) -> None:
+    """Give every targeted layer of ``model`` a new base seed, drawn from ``generator`` (default:
+    torch's default CPU generator) in ``named_modules()`` order, and restart its count of
+    forwards at 0.
+
+    ``copy.deepcopy`` (and ``torch.save``/``load``) copies the seeds, so a copy draws the same
+    masks as its source: right for a replica, wrong for an ensemble member or a student that
+    should draw its own. Reseed those. Data-parallel ranks must keep drawing the same masks:
+    reseed them all alike (the same ``torch.manual_seed`` or generator seed on every rank)."""
+    _check_model(model)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU generator (the seeds are drawn on the CPU), got {generator.device}")
+    found = [t for _, _, t in targeted_dropout_modules(model)]
+    if not found:
+        raise ValueError("model has no targeted dropout: call apply_targeted_dropout(model, ...) first")
+    for t in found:
+        t._set_rng(_draw_base(generator), 0)
