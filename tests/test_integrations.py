@@ -116,7 +116,7 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _fit(name, out, callback, *, steps=12, save_steps=6, resume=None, observe=False):
+def _fit(name, out, callback, *, steps=12, save_steps=6, resume=None, observe=False, attach=True):
     transformers = _hf()
     from td_kernels.integrations.hf import TargetedDropoutCallback
 
@@ -126,9 +126,11 @@ def _fit(name, out, callback, *, steps=12, save_steps=6, resume=None, observe=Fa
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
         save_strategy="steps", save_steps=save_steps, report_to=[], use_cpu=True, dataloader_num_workers=0,
         disable_tqdm=True, seed=0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
     assert isinstance(callback, TargetedDropoutCallback)
-    callback.attach(trainer)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+                                   callbacks=None if attach else [callback])
+    if attach:
+        callback.attach(trainer)
     observer = _Observer(*_observed_layer(name, model)) if observe else None
     trainer.train(resume_from_checkpoint=resume)
     return trainer, model, observer
@@ -209,7 +211,8 @@ def test_hf_prune_at_end_saves_the_logged_sparsity(tmp_path):
 
     steps, targ = 6, 0.75
     cb = TargetedDropoutCallback(0.5, targ, total_steps=4, prune_at_end=True)
-    trainer, model, _ = _fit("llama", tmp_path, cb, steps=steps, save_steps=steps)
+    # given as callbacks=[cb] (not attached): the final sparsity still reaches state.log_history
+    trainer, model, _ = _fit("llama", tmp_path, cb, steps=steps, save_steps=steps, attach=False)
     trainer.save_model(str(tmp_path / "final"))
     weights = load_file(tmp_path / "final" / "model.safetensors")
     assert sorted(weights) == sorted(model.state_dict())  # plain keys
@@ -242,6 +245,26 @@ def test_hf_callback_rejects_bad_settings_and_a_doubly_targeted_model():
         TargetedDropoutCallback(0.5, 0.5).run.begin(model, 10)
     with pytest.raises(ValueError, match="no targeted dropout"):
         TargetedDropoutCallback().run.begin(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), 10)
+
+
+def test_xtreme_schedule_keeps_the_given_weights_per_unit_after_pruning():
+    """The run behind both callbacks, without a trainer: Xtreme (section 5.6) over 4 steps, then
+    prune_at_end keeps exactly `keep` weights in each unit of each targeted layer."""
+    from td_kernels.integrations._common import TargetedDropoutRun
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6), torch.nn.Linear(6, 2))
+    run = TargetedDropoutRun(0.5, 0.5, schedule="xtreme", keep=3, prune_at_end=True)
+    run.begin(model, total_steps=4)
+    assert run.rates()["td/targ_rate"] == 0.0
+    for _ in range(4):
+        run.step_end()
+    assert [t.targ_rate for _, _, t in td.nn.targeted_dropout_modules(model)] == [9 / 12, 5 / 8]
+    report = run.prune()
+    for layer in (model[0], model[2]):
+        assert ((layer.weight != 0).sum(dim=1) == 3).all()
+    assert report.sparsity == (8 * 9 + 6 * 5) / (8 * 12 + 6 * 8) == run.sparsity()
+    assert model[3].weight.ne(0).all()
 
 
 # ---- Lightning ----------------------------------------------------------------------------
