@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     trainer, module, cb = fit(out / "full", a.steps)
     for row in csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")):
         if row.get("td/targ_rate"):
-            print(f"step {int(row['step']):3d}  loss {float(row['loss']):.3f}  drop_rate {float(row['td/drop_rate']):.3f}"
-                  f"  targ_rate {float(row['td/targ_rate']):.3f}")
+            print(f"step {int(row['step']):3d}  loss {float(row['loss']):.3f}  "
+                  f"drop_rate {float(row['td/drop_rate']):.3f}  targ_rate {float(row['td/targ_rate']):.3f}")
     print(f"\npruned at the end: sparsity {cb.report.sparsity:.3f} of the targeted layers\n{cb.report}")
 
     first = sorted((out / "full" / "ckpt").glob("*.ckpt"))[0]

@@ -8,7 +8,6 @@ stopped at a checkpoint and resumed ends with parameters bit-identical to the un
 that prune_at_end leaves the logged sparsity in the saved weights, and that saved models keep
 the plain keys. Skipped where transformers/accelerate or Lightning are not installed."""
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -116,7 +115,7 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _fit(name, out, callback, *, steps=12, save_steps=6, resume=None, observe=False, attach=True):
+def _fit(name, out, callback, *, steps=12, save_steps=6, resume=None, observe=False, attach=True, **extra):
     transformers = _hf()
     from td_kernels.integrations.hf import TargetedDropoutCallback
 
@@ -125,7 +124,7 @@ def _fit(name, out, callback, *, steps=12, save_steps=6, resume=None, observe=Fa
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
         save_strategy="steps", save_steps=save_steps, report_to=[], use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True, seed=0)
+        disable_tqdm=True, seed=0, **extra)
     assert isinstance(callback, TargetedDropoutCallback)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
                                    callbacks=None if attach else [callback])
@@ -186,21 +185,31 @@ def test_hf_trainer_targets_ramps_and_resumes_bit_exactly(name, tmp_path):
     assert [h["td/targ_rate"] for h in tail] == [h["td/targ_rate"] for h in logged[6:]]
 
 
-def test_hf_resume_without_the_state_draws_other_masks(tmp_path, caplog):
-    """The control: the same resume, with the callback's entry taken out of the checkpoint, ends
-    elsewhere (so the bit-exact resume above is the state's doing)."""
+def test_hf_resume_takes_the_state_from_the_checkpoint_and_differs_without_it(tmp_path, caplog):
+    """With restore_callback_states_from_checkpoint=True the Trainer rebuilds the callback from the
+    arguments saved in the checkpoint (here: other rates were passed) and the resume is still
+    exact. The control: with the callback's entry taken out of the checkpoint the resumed run
+    ends elsewhere (so the bit-exact resumes are the state's doing), with a warning."""
     from td_kernels.integrations.hf import TargetedDropoutCallback
 
     _, model, _ = _fit("llama", tmp_path, TargetedDropoutCallback(0.5, 0.6), steps=8, save_steps=4)
-    state_file = tmp_path / "checkpoint-4" / "trainer_state.json"
+    full, ckpt = _params(model), tmp_path / "checkpoint-4"
+    trainer, resumed, _ = _fit("llama", tmp_path / "rebuilt", TargetedDropoutCallback(0.1, 0.1), steps=8,
+                               save_steps=4, resume=str(ckpt), restore_callback_states_from_checkpoint=True)
+    rebuilt = [c for c in trainer.callback_handler.callbacks if isinstance(c, TargetedDropoutCallback)]
+    assert len(rebuilt) == 1 and (rebuilt[0].run.drop_rate, rebuilt[0].run.targ_rate) == (0.5, 0.6)
+    got = _params(resumed)
+    assert all(torch.equal(full[k], got[k]) for k in full)
+
+    state_file = ckpt / "trainer_state.json"
     state = json.loads(state_file.read_text())
     del state["stateful_callbacks"]["TargetedDropoutCallback"]
     state_file.write_text(json.dumps(state))
     with caplog.at_level("WARNING"):
-        _, resumed, _ = _fit("llama", tmp_path, TargetedDropoutCallback(0.5, 0.6), steps=8, save_steps=4,
-                             resume=str(tmp_path / "checkpoint-4"))
+        _, resumed, _ = _fit("llama", tmp_path / "stateless", TargetedDropoutCallback(0.5, 0.6), steps=8,
+                             save_steps=4, resume=str(ckpt))
     assert "without targeted dropout state" in caplog.text
-    full, got = _params(model), _params(resumed)
+    got = _params(resumed)
     assert not all(torch.equal(full[k], got[k]) for k in full)
 
 
@@ -386,7 +395,7 @@ def test_integrations_are_opt_in_and_name_the_package_a_missing_framework_needs(
             except ImportError as e:
                 print(e)
     """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) == 3, r.stdout + r.stderr
     assert lines[0] == "[]"

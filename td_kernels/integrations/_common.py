@@ -136,8 +136,9 @@ class TargetedDropoutRun:
             raise ValueError(f"not a targeted dropout state (from TargetedDropoutRun.state()): {saved!r:.200}")
         td.set_rng_state(self.model, torch.tensor(saved["rng"], dtype=torch.int64))
         if (saved.get("schedule") is None) != (self.schedule is None):
-            raise ValueError(f"the checkpoint was saved with {'no' if saved.get('schedule') is None else 'a'} schedule, "
-                             f"this callback has schedule={self.schedule_name!r}")
+            had = "no" if saved.get("schedule") is None else "a"
+            raise ValueError(f"the checkpoint was saved with {had} schedule, this callback has "
+                             f"schedule={self.schedule_name!r}")
         if self.schedule is not None:
             self.schedule.load_state_dict(saved["schedule"])
 
@@ -189,3 +190,20 @@ class TargetedDropoutRun:
         report.layers = [s for s in report.layers if s.name in names]
         self.report = report
         return report
+
+
+class CallbackBase:
+    """The arguments (those of :class:`TargetedDropoutRun`) and the run both callbacks hold."""
+
+    def __init__(self, drop_rate: Optional[float] = None, targ_rate: Optional[float] = None, mode: str = "weight",
+                 exclude=td.nn.LAST_LINEAR, *, n: Optional[int] = None, m: Optional[int] = None,
+                 backend: str = "auto", mask: Optional[str] = None, schedule: Optional[str] = "ramp",
+                 total_steps: Optional[int] = None, keep: Optional[int] = None, prune_at_end: bool = False):
+        self.run = TargetedDropoutRun(drop_rate, targ_rate, mode, exclude, n=n, m=m, backend=backend, mask=mask,
+                                      schedule=schedule, total_steps=total_steps, keep=keep,
+                                      prune_at_end=prune_at_end)
+
+    @property
+    def report(self):
+        """The sparsity report of ``prune_at_end`` (None before)."""
+        return self.run.report

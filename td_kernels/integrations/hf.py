@@ -44,16 +44,14 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("td_kernels.integrations.hf needs transformers (and accelerate for its Trainer): "
                       "pip install transformers accelerate") from e
 
-import td_kernels as td
-
-from ._common import PREFIX, TargetedDropoutRun
+from ._common import PREFIX, CallbackBase
 
 __all__ = ["TargetedDropoutCallback"]
 
 logger = logging.getLogger(__name__)
 
 
-class TargetedDropoutCallback(TrainerCallback, ExportableState):
+class TargetedDropoutCallback(CallbackBase, TrainerCallback, ExportableState):
     """A ``transformers.TrainerCallback`` that trains the Trainer's model under targeted dropout.
 
     ``drop_rate``, ``targ_rate``, ``mode``, ``exclude``, ``n``, ``m``, ``backend``, ``mask``: as
@@ -64,19 +62,7 @@ class TargetedDropoutCallback(TrainerCallback, ExportableState):
     the Trainer's ``max_steps``). ``prune_at_end``: prune at the final rates when training ends.
     One such callback per Trainer."""
 
-    def __init__(self, drop_rate: Optional[float] = None, targ_rate: Optional[float] = None, mode: str = "weight",
-                 exclude=td.nn.LAST_LINEAR, *, n: Optional[int] = None, m: Optional[int] = None,
-                 backend: str = "auto", mask: Optional[str] = None, schedule: Optional[str] = "ramp",
-                 total_steps: Optional[int] = None, keep: Optional[int] = None, prune_at_end: bool = False):
-        self.run = TargetedDropoutRun(drop_rate, targ_rate, mode, exclude, n=n, m=m, backend=backend, mask=mask,
-                                      schedule=schedule, total_steps=total_steps, keep=keep,
-                                      prune_at_end=prune_at_end)
-        self.trainer = None
-
-    @property
-    def report(self):
-        """The sparsity report of ``prune_at_end`` (None before)."""
-        return self.run.report
+    trainer = None  # set by attach()
 
     def attach(self, trainer) -> "TargetedDropoutCallback":
         """Add this callback to ``trainer`` as its first callback: the Trainer calls callbacks in

@@ -36,14 +36,12 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError("td_kernels.integrations.lightning needs Lightning: pip install lightning") from e
 
-import td_kernels as td
-
-from ._common import PREFIX, TargetedDropoutRun
+from ._common import PREFIX, CallbackBase
 
 __all__ = ["TargetedDropoutCallback"]
 
 
-class TargetedDropoutCallback(Callback):
+class TargetedDropoutCallback(CallbackBase, Callback):
     """A Lightning ``Callback`` that trains the LightningModule under targeted dropout.
 
     The arguments are those of ``td_kernels.integrations.hf.TargetedDropoutCallback``:
@@ -52,20 +50,8 @@ class TargetedDropoutCallback(Callback):
     the module is targeted already); ``schedule`` ``"ramp"`` / ``"xtreme"`` (with ``keep``) /
     None over ``total_steps`` optimizer steps (None: the Trainer's); ``prune_at_end``."""
 
-    def __init__(self, drop_rate: Optional[float] = None, targ_rate: Optional[float] = None, mode: str = "weight",
-                 exclude=td.nn.LAST_LINEAR, *, n: Optional[int] = None, m: Optional[int] = None,
-                 backend: str = "auto", mask: Optional[str] = None, schedule: Optional[str] = "ramp",
-                 total_steps: Optional[int] = None, keep: Optional[int] = None, prune_at_end: bool = False):
-        self.run = TargetedDropoutRun(drop_rate, targ_rate, mode, exclude, n=n, m=m, backend=backend, mask=mask,
-                                      schedule=schedule, total_steps=total_steps, keep=keep,
-                                      prune_at_end=prune_at_end)
-        self._saved: Optional[dict] = None  # from load_state_dict, applied at fit start
-        self._step: Optional[int] = None    # trainer.global_step the schedule has reached
-
-    @property
-    def report(self):
-        """The sparsity report of ``prune_at_end`` (None before)."""
-        return self.run.report
+    _saved: Optional[dict] = None  # from load_state_dict, applied at fit start
+    _step: Optional[int] = None    # trainer.global_step the schedule has reached
 
     def state_dict(self) -> dict[str, Any]:
         return {"settings": self.run.settings(), "checkpoint": self.run.state()}
