@@ -321,9 +321,10 @@ def _lit_fit(tmp, cb, *, steps=6, ckpt_path=None, observe=False):
                         enable_model_summary=False, default_root_dir=tmp)
     layer = module.net[0]
     observer = _Observer(layer, lambda: layer.weight, lambda m, x: F.linear(x, m.weight, m.bias)) if observe else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Lightning's advice on workers and logging intervals
+    with warnings.catch_warnings(record=True) as caught:  # and Lightning's advice on workers kept quiet
+        warnings.simplefilter("always")
         trainer.fit(module, loader, ckpt_path=ckpt_path)
+    trainer.caught = [str(w.message) for w in caught]
     return trainer, module, observer
 
 
@@ -349,7 +350,9 @@ def test_lightning_targets_ramps_logs_and_resumes_bit_exactly(tmp_path):
     first = sorted((tmp_path / "full" / "ckpt").glob("epoch=0*.ckpt"))[0]
     saved = torch.load(first, weights_only=False)["callbacks"]["TargetedDropoutCallback"]["checkpoint"]
     assert saved["schedule"]["step_count"] == 3 and len(saved["rng"]) == 2
-    _, resumed, _ = _lit_fit(tmp_path / "resumed", TargetedDropoutCallback(drop, targ), steps=steps, ckpt_path=first)
+    resumed_trainer, resumed, _ = _lit_fit(tmp_path / "resumed", TargetedDropoutCallback(drop, targ), steps=steps,
+                                           ckpt_path=first)
+    assert not any("without targeted dropout state" in w for w in resumed_trainer.caught)
     full, got = _params(module), _params(resumed)
     assert all(torch.equal(full[k], got[k]) for k in full)
 
@@ -357,8 +360,9 @@ def test_lightning_targets_ramps_logs_and_resumes_bit_exactly(tmp_path):
     state = torch.load(first, weights_only=False)
     del state["callbacks"]["TargetedDropoutCallback"]
     torch.save(state, tmp_path / "stateless.ckpt")
-    _, other, _ = _lit_fit(tmp_path / "other", TargetedDropoutCallback(drop, targ), steps=steps,
-                           ckpt_path=tmp_path / "stateless.ckpt")
+    other_trainer, other, _ = _lit_fit(tmp_path / "other", TargetedDropoutCallback(drop, targ), steps=steps,
+                                       ckpt_path=tmp_path / "stateless.ckpt")
+    assert any("without targeted dropout state" in w for w in other_trainer.caught)
     assert not all(torch.equal(full[k], v) for k, v in _params(other).items())
 
 

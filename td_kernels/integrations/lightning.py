@@ -12,8 +12,9 @@ What Lightning's hooks do:
   with ``L.seed_everything``), starts the schedule over ``total_steps`` (default: the Trainer's
   ``estimated_stepping_batches``, i.e. its optimizer steps), and on ``fit(ckpt_path=...)``
   restores the random state of every targeted layer and the schedule's position from the
-  checkpoint. Lightning has loaded the module's weights and this callback's ``load_state_dict``
-  before this hook and builds the optimizer before it; targeting keeps the same Parameters.
+  checkpoint (a checkpoint without it: a warning, and the masks start afresh). Lightning has
+  loaded the module's weights and this callback's ``load_state_dict`` before this hook and
+  builds the optimizer before it; targeting keeps the same Parameters.
 - ``on_train_batch_start`` / ``on_train_batch_end``: the rates of the step are noted; after each
   optimizer step (``trainer.global_step`` advanced: gradient accumulation included) the schedule
   steps and ``td/drop_rate``, ``td/targ_rate`` (mean over the targeted layers) and
@@ -32,7 +33,7 @@ from typing import Any, Optional
 
 try:
     from lightning.pytorch import Callback
-    from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError("td_kernels.integrations.lightning needs Lightning: pip install lightning") from e
 
@@ -64,6 +65,9 @@ class TargetedDropoutCallback(CallbackBase, Callback):
         if self.run.total_steps is None and not math.isfinite(total):
             raise ValueError("the Trainer has no step limit (max_steps=-1, max_epochs=-1): give the callback "
                              "total_steps for its schedule")
+        if trainer.ckpt_path is not None and self._saved is None:
+            rank_zero_warn("resuming from a checkpoint without targeted dropout state (saved without "
+                           "TargetedDropoutCallback?): the masks and the schedule start afresh")
         self.run.begin(pl_module, int(total) if math.isfinite(total) else 1, self._saved)
         self._saved = None
         self._step = None  # the loops' progress (global_step) is restored after this hook
