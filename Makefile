@@ -17,10 +17,11 @@ $(VENV)/.deps:
 	  $(PIP) "triton>=3.6" numpy ninja pytest hypothesis pytest-benchmark scikit-learn matplotlib tqdm'
 	touch $@
 
-# td.shrink_model's dependency graph (torch-pruning) and the Llama tests (transformers): neither
-# pulls another torch (torch-pruning asks for any torch, which 2.13.0 satisfies)
+# td.shrink_model's dependency graph (torch-pruning), the Llama tests (transformers) and the trainer
+# callbacks' tests (accelerate for transformers' Trainer, lightning): none pulls another torch
+# (they ask for torch >= some version, which 2.13.0 satisfies)
 $(VENV)/.deps-sparsity: $(VENV)/.deps
-	@.ci/phase "cpu: install torch-pruning and transformers" $(PIP) torch-pruning transformers
+	@.ci/phase "cpu: install torch-pruning, transformers, accelerate and lightning" $(PIP) torch-pruning transformers accelerate lightning
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(VENV)/.deps-sparsity setup.py pyproject.toml $(shell find csrc -type f)
