@@ -46,6 +46,7 @@ from .training.schedules import RampSchedule, XtremeSchedule, xtreme_targ_rate  
 from .training.pruning import TargetedPruning, prune_model, sparsity_report  # noqa: E402
 from .sparsity.shrink import ShrinkReport, shrink_model  # noqa: E402
 from .sparsity.sparse import is_nm_sparse, nm_violations, to_semi_structured  # noqa: E402
+from .analysis.second_order import DeltaE, delta_e, hessian_weight_matrix  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -56,4 +57,5 @@ __all__ = [
     "get_rng_state", "set_rng_state",
     "RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "TargetedPruning", "prune_model", "sparsity_report",
     "shrink_model", "ShrinkReport", "to_semi_structured", "is_nm_sparse", "nm_violations",
+    "delta_e", "DeltaE", "hessian_weight_matrix",
 ]
