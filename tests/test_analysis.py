@@ -40,7 +40,8 @@ def explicit(model, names, X, y):
             i += k
         return LOSS(torch.func.functional_call(model, out, (X,)), y)
 
-    return theta, torch.autograd.functional.jacobian(E, theta), torch.autograd.functional.hessian(E, theta)
+    return (theta, torch.autograd.functional.jacobian(E, theta, vectorize=True),
+            torch.autograd.functional.hessian(E, theta, vectorize=True))
 
 
 PRUNINGS = [dict(mode="weight", rate=0.5), dict(mode="unit", rate=0.5), dict(mode="nm", n=2, m=4)]
@@ -157,7 +158,7 @@ def test_bad_input():
 def test_analyse_cli_tiny(tmp_path, capsys):
     from td_kernels.tools.cli import main
 
-    assert main(["analyse", "--epochs", "2", "--seeds", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["analyse", "--epochs", "1", "--seeds", "2", "--out", str(tmp_path), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "targeted" in text and "±" in text
     for name in ("table1.txt", "table1.csv", "figure1.png", "figure1.csv"):

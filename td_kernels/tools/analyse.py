@@ -154,7 +154,7 @@ def _plot(result: AnalyseResult, path: str) -> None:
     fig.colorbar(im, ax=axes, shrink=0.8, label="θᵢ Hᵢⱼ θⱼ (symmetric log scale)")
     fig.suptitle(f"Figure 1 on digits: θᵀ⊙H⊙θ of the hidden layer's {P} weights, the important {1 - GAMMA:.0%} "
                  "(largest per unit) first", fontsize=11)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
