@@ -165,3 +165,15 @@ def test_analyse_cli_tiny(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0, name
     rows = (tmp_path / "table1.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2  # header, 2 methods x 2 seeds
+
+
+def test_hvp_cost_tiny(tmp_path):
+    from td_kernels.tools.analyse import hvp_cost
+
+    gpt2 = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    rows = hvp_cost(rounds=1, out=str(tmp_path), gpt2=gpt2, log=open(tmp_path / "log", "w"), device="cpu")
+    assert [r["model"] for r in rows] == ["demo mlp", "demo cnn", "GPT-2 (small config)"]
+    # the GPT-2's targeted weights: 4 Conv1D per block, its lm_head (tied to wte) left out
+    assert rows[2]["targeted_weights"] == 32 * 96 + 32 * 32 + 32 * 128 + 128 * 32
+    assert all(r["hvp_ms"] > 0 and r["backward_ms"] > 0 for r in rows)
+    assert (tmp_path / "hvp_cost.txt").read_text().count("\n") == 6

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..analysis.second_order import _grad_and_hvp, _removed, delta_e, hessian_weight_matrix
 from ..training.nn import apply_targeted_dropout, remove_targeted_dropout
@@ -222,9 +224,10 @@ def _run(epochs, lr, batch_size, seed, seeds, out, device, progress, log) -> Ana
 
 
 # ---- what a Hessian-vector product costs -------------------------------------------------------
-def _cost_cases(device):
+def _cost_cases(device, gpt2: dict):
     """(name, model, loss_fn, batch) for the demo's models on a digits batch of 64 and a GPT-2
-    small (random weights from its config, nothing downloaded) on one sequence of 128 tokens."""
+    (``GPT2Config(**gpt2)``, default GPT-2 small; random weights, nothing downloaded) on one
+    sequence of 128 tokens."""
     from .demo import make_model as demo_model
 
     X = torch.rand(64, 1, 8, 8, device=device)
@@ -232,9 +235,9 @@ def _cost_cases(device):
     cases = [(f"demo {name}", demo_model(name).to(device), nn.CrossEntropyLoss(), (X, y)) for name in ("mlp", "cnn")]
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = GPT2LMHeadModel(GPT2Config()).to(device)
-    ids = torch.randint(0, gpt2.config.vocab_size, (1, 128), device=device)
-    cases.append(("GPT-2 small (config)", _Logits(gpt2), _lm_loss, (ids, ids)))
+    lm = GPT2LMHeadModel(GPT2Config(**gpt2)).to(device)
+    ids = torch.randint(0, lm.config.vocab_size, (1, min(128, lm.config.n_positions)), device=device)
+    cases.append(("GPT-2 small (config)" if not gpt2 else "GPT-2 (small config)", _Logits(lm), _lm_loss, (ids, ids)))
     return cases
 
 
@@ -253,15 +256,26 @@ def _lm_loss(logits, ids):
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-def hvp_cost(*, rounds: int = 3, device=None, log=None, out: str | None = None) -> list:
+def hvp_cost(*, rounds: int = 5, device=None, log=None, out: str | None = None, gpt2: dict | None = None,
+             threads: int | None = None) -> list:
     """Time, per model, one training step's forward + backward (the baseline), the
     Hessian-vector product :func:`td.delta_e` takes per batch (forward, gradient with its graph,
     second backward) and a whole ``delta_e`` on that batch (masks and the pruned forward too),
-    as medians of ``rounds`` interleaved rounds; print and return the rows."""
-    device = torch.device(device if device is not None else "cpu")
+    as medians of ``rounds`` interleaved rounds; print and return the rows. ``gpt2``: GPT2Config
+    arguments (default: none, GPT-2 small). ``threads``: as in :func:`run_analyse` (1 on CPU)."""
+    device, threads = check_args(epochs=1, device=device, backend="auto", methods=(), models=(), threads=threads)
     log = sys.stdout if log is None else log
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _hvp_cost(rounds, device, log, out, gpt2)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _hvp_cost(rounds, device, log, out, gpt2) -> list:
     rows = []
-    for name, model, loss_fn, (x, y) in _cost_cases(device):
+    for name, model, loss_fn, (x, y) in _cost_cases(device, gpt2 or {}):
         model.eval()
         targeted = list(_removed(model, "hvp_cost", GAMMA, "weight", "last_linear", None, None, "auto"))
         params = dict(model.named_parameters())
@@ -271,16 +285,21 @@ def hvp_cost(*, rounds: int = 3, device=None, log=None, out: str | None = None) 
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
 
-        def hvp():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
+        def hvp():  # what delta_e runs per batch: reverse over reverse
             with sdpa_kernel(SDPBackend.MATH):
                 _grad_and_hvp(loss_fn(model(x), y), [params[n] for n in targeted], [d])
+
+        def jvp_over_grad():  # torch.func's recipe, forward over reverse, for comparison
+            def f(p):
+                return loss_fn(functional_call(model, p, (x,)), y)
+
+            with sdpa_kernel(SDPBackend.MATH):
+                jvp(grad(f), ({n: params[n].detach() for n in targeted},), (dict(zip(targeted, d)),))
 
         def whole():
             delta_e(model, loss_fn, [(x, y)], rate=GAMMA)
 
-        fns = {"backward": backward, "hvp": hvp, "delta_e": whole}
+        fns = {"backward": backward, "hvp": hvp, "jvp_over_grad": jvp_over_grad, "delta_e": whole}
         times = {k: [] for k in fns}
         for fn in fns.values():  # warm-up
             fn()
@@ -290,14 +309,17 @@ def hvp_cost(*, rounds: int = 3, device=None, log=None, out: str | None = None) 
             times[k].append(time.perf_counter() - t)
         ms = {k: 1e3 * median(v) for k, v in times.items()}
         rows.append({"model": name, "targeted_weights": sum(p.numel() for p in d), "backward_ms": ms["backward"],
-                     "hvp_ms": ms["hvp"], "delta_e_ms": ms["delta_e"], "hvp_over_backward": ms["hvp"] / ms["backward"]})
+                     "hvp_ms": ms["hvp"], "jvp_over_grad_ms": ms["jvp_over_grad"], "delta_e_ms": ms["delta_e"],
+                     "hvp_over_backward": ms["hvp"] / ms["backward"]})
         model.zero_grad(set_to_none=True)
-    head = ["model", "targeted weights", "fwd+bwd ms", "HVP ms", "delta_e ms", "HVP / (fwd+bwd)"]
+    head = ["model", "targeted weights", "fwd+bwd ms", "HVP ms", "HVP / (fwd+bwd)", "jvp(grad) ms", "delta_e ms"]
     lines = [[r["model"], f"{r['targeted_weights']:,}", f"{r['backward_ms']:.1f}", f"{r['hvp_ms']:.1f}",
-              f"{r['delta_e_ms']:.1f}", f"{r['hvp_over_backward']:.2f}"] for r in rows]
-    text = (f"One Hessian-vector product (double backward) against one training forward+backward, medians of "
-            f"{rounds} interleaved rounds on {device_name(device)}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads\n" + text_table(head, lines, left=1))
+              f"{r['hvp_over_backward']:.2f}", f"{r['jvp_over_grad_ms']:.1f}", f"{r['delta_e_ms']:.1f}"] for r in rows]
+    text = (f"One Hessian-vector product as td.delta_e takes it (HVP: forward, gradient with its graph, double "
+            f"backward) against one training forward+backward; jvp(grad): torch.func's forward-over-reverse product "
+            f"for comparison; delta_e: the whole call on that batch. Medians of {rounds} interleaved rounds on "
+            f"{device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+            + text_table(head, lines, left=1))
     print(text, file=log)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         from .analyse import hvp_cost, run_analyse
 
         if args.hvp_cost:
-            hvp_cost(device=args.device, out=args.out)
+            hvp_cost(device=args.device, out=args.out, threads=args.threads)
             return 0
         try:
             run_analyse(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, seeds=args.seeds,
