@@ -20,10 +20,10 @@ deterministic; its mode is restored after). Derivatives are exact, in the model'
 model and data with ``.double()`` for float64): ``dᵀHd`` from one Hessian-vector product per
 batch by double backward (reverse over reverse), never from finite differences, so it costs a
 few backward passes and scales to any model autograd can differentiate twice. Reverse over
-reverse rather than ``torch.func``'s forward over reverse: it was about twice as fast on the CPU
-(docs/analysis/hvp_cost.txt), and fused attention kernels have neither forward-mode nor second
-derivatives, so both ways need ``scaled_dot_product_attention``'s math path, which the analysis
-selects while it runs.
+reverse rather than ``torch.func``'s forward over reverse (``jvp`` of ``grad``): it was faster for
+every model measured on the CPU (docs/analysis/hvp_cost.txt). Fused attention kernels have
+neither forward-mode nor second derivatives, so either way needs ``scaled_dot_product_attention``'s
+math path, which the analysis selects while it runs.
 """
 from __future__ import annotations
 

@@ -28,10 +28,9 @@ from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..analysis.second_order import _grad_and_hvp, _removed, delta_e, hessian_weight_matrix
-from ..training.nn import apply_targeted_dropout, remove_targeted_dropout
 from ..training.pruning import prune_model
 from .bench.common import device_name, interleaved, median, text_table, write_csv
-from .demo import _accuracy, check_args, load_data
+from .demo import MethodConfig, _accuracy, check_args, load_data, train
 
 __all__ = ["METHODS", "make_model", "train_sgd", "analyse_model", "run_analyse", "AnalyseResult", "hvp_cost"]
 
@@ -52,29 +51,14 @@ def make_model() -> nn.Module:
 
 def train_sgd(model: nn.Module, method: str, train_data, *, epochs: int, lr: float, batch_size: int, seed: int,
               progress=None) -> float:
-    """Train with plain SGD (no momentum, no weight decay), targeted weight dropout on the
-    hidden layer for ``method="targeted"``; returns the final training loss (eval mode, all
-    samples). The model comes back plain (targeting removed) and in eval mode."""
-    X, y = train_data
-    torch.manual_seed(seed)
-    if method == "targeted":
-        apply_targeted_dropout(model, ALPHA, GAMMA)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(X)).to(X.device)
-        for i in range(0, len(X), batch_size):
-            idx = perm[i:i + batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(X[idx]), y[idx]).backward()
-            opt.step()
-        if progress is not None:
-            progress.update(1)
-    remove_targeted_dropout(model)
-    model.eval()
+    """Train with plain SGD (no momentum, no weight decay; the demo's loop), targeted weight
+    dropout on the hidden layer for ``method="targeted"``; returns the final training loss (eval
+    mode, all samples). The model comes back plain (targeting removed) and in eval mode."""
+    config = MethodConfig(method, "weight", ALPHA, GAMMA) if method == "targeted" else MethodConfig(method)
+    train(model, config, train_data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+          optimizer="sgd")
     with torch.no_grad():
-        return loss_fn(model(X), y).item()
+        return nn.functional.cross_entropy(model(train_data[0]), train_data[1]).item()
 
 
 def analyse_model(model: nn.Module, test_data) -> tuple[dict, torch.Tensor, int]:
@@ -188,7 +172,8 @@ def _run(epochs, lr, batch_size, seed, seeds, out, device, progress, log) -> Ana
     start = time.perf_counter()
     train_data, test_data = load_data(seed, device)
     result = AnalyseResult()
-    with tqdm(total=(epochs + 1) * len(METHODS) * seeds, file=sys.stderr, disable=not progress, unit="epoch",
+    steps = epochs * -(-len(train_data[0]) // batch_size) + 1  # SGD steps, then the analysis
+    with tqdm(total=steps * len(METHODS) * seeds, file=sys.stderr, disable=not progress, unit="step",
               dynamic_ncols=True) as bar:
         for s in range(seed, seed + seeds):
             for m in METHODS:
