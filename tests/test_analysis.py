@@ -177,3 +177,14 @@ def test_hvp_cost_tiny(tmp_path):
     assert rows[2]["targeted_weights"] == 32 * 96 + 32 * 32 + 32 * 128 + 128 * 32
     assert all(r["hvp_ms"] > 0 and r["backward_ms"] > 0 for r in rows)
     assert (tmp_path / "hvp_cost.txt").read_text().count("\n") == 6
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--seeds", "0"), ("--lr", "0"), ("--batch-size", "0"),
+                                         ("--device", "nonsense")])
+def test_analyse_cli_bad_arguments(flag, value, tmp_path, capsys):
+    from td_kernels.tools.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["analyse", flag, value, "--out", str(tmp_path), "--no-progress"])
+    assert e.value.code == 2
+    assert flag.strip("-").replace("-", "_") in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The ``td-kernels`` command: ``td-kernels demo [...]``, ``td-kernels bench [...]`` and ``td-kernels info``."""
+"""The ``td-kernels`` command: ``td-kernels demo [...]``, ``td-kernels analyse [...]``, ``td-kernels bench [...]`` and
+``td-kernels info``."""
 from __future__ import annotations
 
 import argparse
