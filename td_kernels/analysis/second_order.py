@@ -14,8 +14,8 @@ weights pruning keeps come first (the paper's Figure 1): the entries among the r
 sum to ``dᵀHd``.
 
 E is the mean loss over every sample of ``data`` (an iterable of ``(inputs, targets)`` batches,
-``loss_fn(model(inputs), targets)`` a batch mean, so batch ``b`` of ``n_b`` samples weighs
-``n_b / N``), with the model in eval mode (dropout, targeted dropout and batch norm
+``loss_fn(model(inputs), targets)`` a batch mean, so batch ``b`` of ``n_b = len(targets)``
+samples weighs ``n_b / N``), with the model in eval mode (dropout, targeted dropout and batch norm
 deterministic; its mode is restored after). Derivatives are exact, in the model's dtype (convert
 model and data with ``.double()`` for float64): ``dᵀHd`` from one Hessian-vector product per
 batch by double backward (reverse over reverse), never from finite differences, so it costs a
@@ -136,7 +136,11 @@ def _batches(data: Iterable, what: str):
             raise TypeError(f"{what}: each batch of data must be an (inputs, targets) pair, got {type(batch).__name__}"
                             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
         inputs, targets = batch
-        n = len(targets)
+        try:
+            n = len(targets)  # the batch's samples: its weight in E
+        except TypeError:
+            raise TypeError(f"{what}: the targets of each batch must have a length (one per sample), got "
+                            f"{type(targets).__name__}") from None
         if n == 0:
             raise ValueError(f"{what}: data yielded a batch with no samples (batch {seen})")
         seen += 1
