@@ -47,6 +47,7 @@ from .training.pruning import TargetedPruning, prune_model, sparsity_report  # n
 from .training.batchnorm import recalibrate_batchnorm  # noqa: E402
 from .sparsity.shrink import ShrinkReport, shrink_model  # noqa: E402
 from .sparsity.sparse import is_nm_sparse, nm_violations, to_semi_structured  # noqa: E402
+from .analysis.second_order import DeltaE, delta_e, hessian_weight_matrix  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -58,4 +59,5 @@ __all__ = [
     "RampSchedule", "XtremeSchedule", "xtreme_targ_rate", "TargetedPruning", "prune_model", "sparsity_report",
     "recalibrate_batchnorm",
     "shrink_model", "ShrinkReport", "to_semi_structured", "is_nm_sparse", "nm_violations",
+    "delta_e", "DeltaE", "hessian_weight_matrix",
 ]

@@ -155,8 +155,9 @@ def _accuracy(model: nn.Module, X, y) -> float:
 
 
 def train(model: nn.Module, method: MethodConfig, train_data, *, epochs: int, batch_size: int = 64, lr: float = 2e-3,
-          seed: int = 0, backend: str = "auto", progress=None) -> nn.Module:
-    """Train ``model`` with ``method``; returns it with plain weights (targeting removed)."""
+          seed: int = 0, backend: str = "auto", progress=None, optimizer: str = "adam") -> nn.Module:
+    """Train ``model`` with ``method`` and Adam (``optimizer="sgd"``: plain SGD, no momentum, as
+    the paper's section 5.1); returns it with plain weights (targeting removed)."""
     X, y = train_data
     torch.manual_seed(seed)
     if method.mode == "dropout":
@@ -173,7 +174,7 @@ def train(model: nn.Module, method: MethodConfig, train_data, *, epochs: int, ba
                 apply_targeted_dropout(model, method.drop_rate, method.targ_rate, method.mode, backend=backend)
     steps_per_epoch = -(-len(X) // batch_size)
     schedule = RampSchedule(model, max(1, round(RAMP_FRACTION * epochs * steps_per_epoch))) if method.ramp else None
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer](model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for _ in range(epochs):
