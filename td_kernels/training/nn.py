@@ -448,6 +448,7 @@ class TargetedDropout(nn.Module):
     def _set_rng(self, base: int, calls: int) -> None:
         self._base = int(base)
         self._state[0] = int(base) + int(calls)
+
     def _active(self) -> bool:
         # rate 0 means no candidate or no drop: the op would return W unchanged, so skip it
         return self.drop_rate > 0.0 and (self.mode == "nm" or self.targ_rate > 0.0)
