@@ -6,14 +6,20 @@
 #      outside the clone so that CI's fresh clones reuse it; rebuilt when its stamp is missing
 #      (a half-finished install) or names other packages;
 #   2. .cuda-ci/ in the clone: src/, a copy of the clone's files (tracked and not ignored), and
-#      venv/, a venv that sees the shared one's packages through a .pth file, into which src/
-#      installs itself as a user would: TD_KERNELS_BUILD_EXT=1 pip install --no-build-isolation
-#      -e . The shared environment holds no clone, so later or concurrent clones never point into
-#      each other, and the copy keeps the CUDA build's td_kernels/_C*.so and _build.json apart
-#      from the clone's own CPU build (.venv loads the clone's td_kernels);
-#   3. the build checked: `td-kernels info --require-native-cuda` (native.WITH_CUDA, sm_80 and
+#      venv/, a venv that sees the shared one's packages through a .pth file. The shared
+#      environment holds no clone, so later or concurrent clones never point into each other,
+#      and the copy keeps the CUDA build's td_kernels/_C*.so and _build.json apart from the
+#      clone's own CPU build (.venv loads the clone's td_kernels);
+#   3. the GPU run itself, as far as a CPU goes: `bash bench/gpu.sh --device cpu --stages
+#      ops,steps` in src/ with that venv's python, so CI executes the script a GPU lease runs,
+#      stage by stage, under the GPU machine's torch and triton: its build stage is the install
+#      (TD_KERNELS_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e ., a user's install
+#      less the dependency lookup), then the smoke, the op benchmark and the training-step
+#      benchmark (small CPU shapes; its results go to .cuda-ci/gpu-dry-run/). Its test stage is
+#      the suite below (the same tests, and the selection itself is tested: test_gpu_script.py);
+#   4. the build checked: `td-kernels info --require-native-cuda` (native.WITH_CUDA, sm_80 and
 #      sm_90 in BUILD_INFO, every td_kernels_native op with a CUDA kernel);
-#   4. the CPU test suite in that environment.
+#   5. the CPU test suite in that environment.
 # Every phase logs its start, its end and its seconds (.ci/phase).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,8 +68,10 @@ echo "test-cuda: nvcc $(command -v nvcc): $(nvcc --version | grep -o 'release [0
 PHASE=$PWD/$PHASE
 cd "$WORK/src"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-$PHASE "cuda: build (TD_KERNELS_BUILD_EXT=1 pip install --no-build-isolation -e .)" \
-  env TD_KERNELS_BUILD_EXT=1 "$LOCAL/bin/python" -m pip install -q --no-build-isolation -e .
+# gpu.sh finds python through $PYTHON, nvcc and td-kernels through PATH
+$PHASE "cuda: bench/gpu.sh --device cpu --stages ops,steps (build, smoke, op and step benchmarks)" \
+  env PYTHON="$LOCAL/bin/python" PATH="$LOCAL/bin:$PATH" OUT="$PWD/../gpu-dry-run" \
+  bash bench/gpu.sh --device cpu --stages ops,steps
 echo "test-cuda: td_kernels/_build.json: $(cat td_kernels/_build.json)"
 $PHASE "cuda: check the build (td-kernels info --require-native-cuda)" \
   "$LOCAL/bin/td-kernels" info --require-native-cuda
