@@ -70,7 +70,7 @@ cd "$WORK/src"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # gpu.sh finds python through $PYTHON, nvcc and td-kernels through PATH
 $PHASE "cuda: bench/gpu.sh --device cpu --stages ops,steps (build, smoke, op and step benchmarks)" \
-  env PYTHON="$LOCAL/bin/python" PATH="$LOCAL/bin:$PATH" OUT="$PWD/../gpu-dry-run" \
+  env PYTHON="$LOCAL/bin/python" PATH="$LOCAL/bin:$PATH" OUT="$(dirname "$PWD")/gpu-dry-run" \
   bash bench/gpu.sh --device cpu --stages ops,steps
 echo "test-cuda: td_kernels/_build.json: $(cat td_kernels/_build.json)"
 $PHASE "cuda: check the build (td-kernels info --require-native-cuda)" \
