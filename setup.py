@@ -9,8 +9,11 @@ What gets built (never by probing for a GPU: a build machine may have none):
 Environment:
   TD_KERNELS_BUILD_EXT=0     skip the extension: the pure-Python package (reference, Triton)
   TD_KERNELS_BUILD_EXT=1     the extension is required: a compile error fails the install
-  (unset)                    try it; a compile error prints a warning and the install goes on
-                             without it (td_kernels imports, backend "native" reports why not)
+  (unset)                    try it; where the CUDA part fails (torch refusing the toolkit's
+                             version or the host compiler, an nvcc error) the CPU kernels are
+                             built alone; where those fail too, the install goes on without the
+                             extension (td_kernels imports, backend "native" reports why not);
+                             either way with a warning
   TD_KERNELS_BUILD_CUDA=0    build the CPU kernels only, even where CUDA could be built
   CUDA_HOME                  the CUDA toolkit; unset, the toolkit of the `nvcc` on PATH (asked
                              with `nvcc --dryrun`, which also sees through wrapper scripts)
@@ -90,6 +93,26 @@ def _nvcc_version(nvcc):
         return (0, 0)
 
 
+def _error_text(e):
+    """One line for a build error: torch formats some messages lazily (``RuntimeError(msg, *args)``
+    with %s in msg); newlines and runs of spaces are collapsed."""
+    msg = str(e)
+    if len(e.args) > 1 and isinstance(e.args[0], str) and "%s" in e.args[0]:
+        try:
+            msg = e.args[0] % e.args[1:]
+        except TypeError:
+            pass
+    return f"{type(e).__name__}: {' '.join(msg.split())}"[:2000]
+
+
+def _cpu_only(ext):
+    """Turn the CUDAExtension into the CPU kernels' extension in place (the retry after a failed
+    CUDA build): the CUDA sources, macros and libraries out."""
+    ext.sources = [s for s in ext.sources if not s.startswith("csrc/cuda/")]
+    ext.define_macros = [m for m in ext.define_macros if not m[0].startswith(("TD_WITH_CUDA", "TD_CUDA_", "TD_NVCC_"))]
+    ext.libraries = [lib for lib in ext.libraries if lib not in ("cudart", "c10_cuda", "torch_cuda")]
+
+
 def _extension_and_cmdclass():
     import torch
 
@@ -138,33 +161,55 @@ def _extension_and_cmdclass():
         ext = ce.CppExtension("td_kernels._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
 
     class BuildExt(ce.BuildExtension):
-        """torch's BuildExtension; a failed compile is fatal only with TD_KERNELS_BUILD_EXT=1."""
+        """torch's BuildExtension: any failure is fatal with TD_KERNELS_BUILD_EXT=1; unset, a failed
+        CUDA build is retried with the CPU kernels alone, and a failed CPU build installs without
+        the extension (the module docstring). Each outcome goes to _build.json."""
 
         def build_extensions(self):
-            self._td_failed = []
-            super().build_extensions()
-            # forget a failed extension, so that no later step (copying it next to the sources,
-            # listing the wheel's files) looks for its library
-            self.extensions = [e for e in self.extensions if e.name not in self._td_failed]
-
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as e:  # compiler missing, compile error, ...
-                record.update(extension="failed", error=f"{type(e).__name__}: {e}"[:2000])
-                if with_cuda:
-                    record.update(cuda="failed", why="the build failed (reinstall with TD_KERNELS_BUILD_EXT=1 "
-                                                     "to see the error)")
+            # torch's build_extensions checks the CUDA toolkit (a version whose major differs from
+            # torch's raises before any compile), then compiles; it also rebinds the compiler's
+            # compile methods, which a second attempt must find as they were
+            saved = (self.compiler.__dict__.get("compile"), self.compiler.__dict__.get("_compile"),
+                     list(self.compiler.src_extensions))
+            error = self._attempt()
+            if error is not None and record["cuda"] == "building" and BUILD_EXT != "1":
+                first = _error_text(error)
+                self.warn(f"td_kernels: the CUDA kernels did not build ({first[:500]}); building the CPU "
+                          "kernels alone. Set TD_KERNELS_BUILD_EXT=1 to make this an error.")
+                record.update(cuda="failed", cuda_error=first,
+                              why=f"the CUDA build failed ({first[:300]}); only the CPU kernels were built "
+                                  "(reinstall with TD_KERNELS_BUILD_EXT=1 to see the whole error)")
+                _cpu_only(ext)
+                for name, value in zip(("compile", "_compile"), saved[:2]):
+                    if value is None:
+                        self.compiler.__dict__.pop(name, None)
+                    else:
+                        setattr(self.compiler, name, value)
+                self.compiler.src_extensions = saved[2]
+                error = self._attempt()
+            if error is None:
+                record.update(extension="built", cuda="built" if record["cuda"] == "building" else record["cuda"])
                 write_build_record(record, self.build_lib)
-                if BUILD_EXT == "1":
-                    raise
-                self._td_failed.append(ext.name)
-                self.warn(f"td_kernels: building the native extension failed ({e}); installing "
-                          "without it. Backend 'native' will be unavailable. Set "
-                          "TD_KERNELS_BUILD_EXT=1 to make this an error.")
                 return
-            record.update(extension="built", cuda="built" if with_cuda else "not built")
+            record.update(extension="failed", error=_error_text(error))
+            if record["cuda"] == "building":  # TD_KERNELS_BUILD_EXT=1
+                record.update(cuda="failed", why="the build failed")
             write_build_record(record, self.build_lib)
+            if BUILD_EXT == "1":
+                raise error
+            self.warn(f"td_kernels: building the native extension failed ({_error_text(error)[:500]}); "
+                      "installing without it. Backend 'native' will be unavailable. Set "
+                      "TD_KERNELS_BUILD_EXT=1 to make this an error.")
+            # forget the extension, so that no later step (copying it next to the sources,
+            # listing the wheel's files) looks for its library
+            self.extensions = []
+
+        def _attempt(self):
+            try:
+                super().build_extensions()
+            except Exception as e:  # compiler missing, compile error, torch's toolkit checks, ...
+                return e
+            return None
 
     return [ext], {"build_ext": BuildExt.with_options(no_python_abi_suffix=False)}
 
