@@ -50,6 +50,8 @@ PYEOF
 results=${OUT:-bench/results/$card}
 mkdir -p "$results"
 exec > >(tee -a "$results/gpu.log") 2>&1
+tee_pid=$!  # bash does not wait for a process substitution: leave() does, so gpu.log is complete
+leave() { exec >&- 2>&-; wait "$tee_pid" 2>/dev/null; exit "$1"; }
 echo "# gpu.sh --device $device$([[ $smoke_only == 1 ]] && echo " --smoke"): results in $results, started $(date -u +%FT%TZ)"
 
 failed=()
@@ -67,8 +69,8 @@ stage() {  # stage NAME LIMIT_S CMD...: run under timeout -s INT, log and time i
 }
 finish() {
   echo; echo "# finished $(date -u +%FT%TZ) after ${SECONDS} s; results in $results:"; ls -l "$results"
-  if [[ ${#failed[@]} -gt 0 ]]; then echo "# FAILED: ${failed[*]}"; exit 1; fi
-  echo "# all stages passed"; exit 0
+  if [[ ${#failed[@]} -gt 0 ]]; then echo "# FAILED: ${failed[*]}"; leave 1; fi
+  echo "# all stages passed"; leave 0
 }
 
 if [[ $device == cuda ]]; then nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true

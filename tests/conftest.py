@@ -22,8 +22,9 @@ def _seed_torch():
     torch.manual_seed(0)
 
 
-# bench/gpu.sh's test stage: the tests that run GPU code, nothing that CI already proves on a CPU,
-# and a bounded number of Triton compiles. test_triton.py as a whole launches 364 distinct Triton
+# bench/gpu.sh's test stage: the tests that run GPU code (test_triton.py, test_native.py's
+# device=cuda cases, the cuda-marked tests), nothing that CI already proves on a CPU (test_native's
+# device=cpu cases), and a bounded number of Triton compiles. test_triton.py as a whole launches 364 distinct Triton
 # kernel variants (bench/count_triton_variants.py; ~0.7-2 s of compile each, one at a time): far
 # more than the stage's 150 s. Left out (about 150 remain), each still run by CI under the
 # interpreter, and on the GPU by `--gpu-tests-rest` (gpu.sh --stages tests-rest) when time is left:
@@ -42,8 +43,9 @@ GPU_LEAVE_OUT = {
 
 def pytest_addoption(parser):
     parser.addoption("--gpu-tests", action="store_true",
-                     help="only the tests that run GPU code (tests/test_triton.py, tests/test_native.py, the "
-                          "cuda-marked tests) less conftest.GPU_LEAVE_OUT: bench/gpu.sh's test stage")
+                     help="only the tests that run GPU code (tests/test_triton.py, tests/test_native.py's "
+                          "device=cuda cases, the cuda-marked tests) less conftest.GPU_LEAVE_OUT: bench/gpu.sh's "
+                          "test stage")
     parser.addoption("--gpu-tests-rest", action="store_true", help="only conftest.GPU_LEAVE_OUT's tests")
 
 
@@ -53,7 +55,11 @@ def pytest_collection_modifyitems(config, items):
         return
 
     def gpu(item):
-        return item.path.name in GPU_TEST_FILES or item.get_closest_marker("cuda") is not None
+        if item.get_closest_marker("cuda") is not None or item.path.name == "test_triton.py":
+            return True
+        # test_native.py runs each case per device: the CPU ones are CI's, the GPU takes the CUDA ones
+        callspec = getattr(item, "callspec", None)
+        return item.path.name == "test_native.py" and callspec is not None and callspec.params.get("device") == "cuda"
 
     def left_out(item):
         return item.path.name == "test_triton.py" and item.originalname in GPU_LEAVE_OUT

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,6 +29,7 @@ import json, os, pytest
 def pytest_collection_modifyitems(items):
     json.dump([{"id": i.nodeid, "file": i.path.name, "name": i.originalname,
                 "cuda": i.get_closest_marker("cuda") is not None,
+                "device": getattr(i, "callspec", None) and i.callspec.params.get("device"),
                 "skip_reasons": [str(m.kwargs.get("reason", "")) for m in i.iter_markers("skipif")]}
                for i in items], open(os.environ["TD_RECORD"] + ".all", "w"))
 """
@@ -63,15 +65,24 @@ def gpu_tests(tmp_path_factory):
 def test_gpu_stage_runs_every_gpu_test_but_the_leave_outs(gpu_tests):
     rows, kept = gpu_tests
     by_id = {r["id"]: r for r in rows}
+    # test_triton.py runs on the GPU where there is one (its kernels, compiled); test_native.py's
+    # cases run per device, and only the CUDA ones need the GPU (none are collected on a CPU)
     want = {r["id"] for r in rows
-            if (r["file"] in GPU_TEST_FILES or r["cuda"])
-            and not (r["file"] == "test_triton.py" and r["name"] in GPU_LEAVE_OUT)}
+            if r["cuda"] or (r["file"] == "test_triton.py" and r["name"] not in GPU_LEAVE_OUT)
+            or (r["file"] == "test_native.py" and r["device"] == "cuda")}
     assert kept == want, (sorted(kept - want)[:10], sorted(want - kept)[:10])
     files = {by_id[i]["file"] for i in kept}
-    assert set(GPU_TEST_FILES) <= files
-    assert "test_graph_seed.py" in files  # the CUDA-graph replays (graph-safe seeds)
+    assert {"test_triton.py", "test_graph_seed.py"} <= files  # graph_seed: the CUDA-graph replays
     assert not {by_id[i]["name"] for i in kept if by_id[i]["file"] == "test_triton.py"} & GPU_LEAVE_OUT
-    assert len(kept) > 200  # 292 when this was written: the stage is sized for about that many
+    native = [r for r in rows if r["file"] == "test_native.py"]
+    cpu_cases = {r["name"] for r in native if r["device"] == "cpu"}
+    # every test_native case that runs a kernel on a CPU also runs it on each device there is
+    assert cpu_cases >= {"test_weight_random", "test_nm_random", "test_unit_random", "test_long_row"}
+    assert {r["name"] for r in native if r["device"] == "cuda"} == (cpu_cases if torch.cuda.is_available() else set())
+
+
+# a skip reason that says a GPU is missing ("needs a CUDA device"), not one about torch's build
+NEEDS_GPU = re.compile(r"\bcuda (device|gpu)\b|\bgpu\b", re.I)
 
 
 def test_every_test_that_needs_cuda_is_marked(gpu_tests):
@@ -80,7 +91,7 @@ def test_every_test_that_needs_cuda_is_marked(gpu_tests):
     rows, _ = gpu_tests
     unmarked = sorted(r["id"] for r in rows
                       if r["file"] not in GPU_TEST_FILES and not r["cuda"]
-                      and any(re.search(r"\bcuda\b|\bgpu\b", s, re.I) for s in r["skip_reasons"]))
+                      and any(NEEDS_GPU.search(s) for s in r["skip_reasons"]))
     assert not unmarked, f"skip without CUDA but have no @pytest.mark.cuda: {unmarked}"
 
 

@@ -511,31 +511,34 @@ def windows(draw, F):
 rates = st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(weights(), rates, rates, st.data())
-def test_weight_random(ws, targ, drop, data):
+def test_weight_random(device, ws, targ, drop, data):
     w, seed = ws
-    check_weight(w, seed, targ, drop, window=data.draw(windows(w.shape[1])))
+    check_weight(w, seed, targ, drop, device, window=data.draw(windows(w.shape[1])))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 8), st.integers(1, 60), st.sampled_from(NM), st.sampled_from(DTYPES),
        st.sampled_from(oracle.STYLES), st.integers(0, 2**63 - 1), rates, st.data())
-def test_nm_random(U, groups, nm, dtype, style, seed, drop, data):
+def test_nm_random(device, U, groups, nm, dtype, style, seed, drop, data):
     n, m = nm
     w = oracle.make_weight((U, groups * m), dtype, style, seed % 2**32)
-    check_nm(w, seed, n, m, drop, window=data.draw(windows(groups * m)))
+    check_nm(w, seed, n, m, drop, device, window=data.draw(windows(groups * m)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 40), st.integers(1, 300), st.sampled_from(DTYPES), st.integers(0, 2**63 - 1), rates, rates)
-def test_unit_random(U, F, dtype, seed, targ, drop):
+def test_unit_random(device, U, F, dtype, seed, targ, drop):
     w = distinct_norm_rows(U, F, dtype, seed % 2**32)
     norms = R.unit_norms(w).double()
     srt = norms.sort().values
     assume(bool(((srt[1:] - srt[:-1]) > 1e-5 * srt[1:]).all()) if U > 1 else True)
     assert not math.isnan(float(norms.sum()))
-    check_unit(w, seed, targ, drop)
+    check_unit(w, seed, targ, drop, device)
 
 
 def test_avx2_path_without_avx512():
