@@ -3,7 +3,8 @@
 #   bash bench/gpu.sh --smoke     # <= 2 min: build, import, a bit-exact fwd/bwd check of every
 #                                 #   kernel family per backend, one timing line per backend
 #   bash bench/gpu.sh             # <= 7 min: the smoke, then the GPU tests, the op benchmark
-#                                 #   and the training-step benchmark
+#                                 #   (ranked for backend="auto" by td-kernels tune) and the
+#                                 #   training-step benchmark
 #   bash bench/gpu.sh --device cpu [--smoke]   # the same here, without a GPU: a CPU build, the
 #                                 #   native CPU kernels and the Triton interpreter, small shapes,
 #                                 #   4x the time limits
@@ -27,7 +28,7 @@ while [[ $# -gt 0 ]]; do
     --stages) stages=$2; shift 2 ;;
     --no-build) build=0; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -117,7 +118,10 @@ if want ops; then
   if [[ -f "$results/bench.csv" ]]; then  # an earlier run on this card: flag regressions
     previous=$(mktemp); cp "$results/bench.csv" "$previous"; bench_args+=(--compare "$previous")
   fi
-  stage ops 80 "$PY" -m td_kernels bench "${bench_args[@]}" "${extra[@]}"
+  stage ops 80 "$PY" -m td_kernels bench "${bench_args[@]}" "${extra[@]}" &&
+    # what backend="auto" should take on this card, per targeting kind (into the log; a session
+    # records it with `td-kernels tune bench/results/<card>/bench.csv --write`)
+    stage tune 10 "$PY" -m td_kernels tune "$results/bench.csv"
 fi
 if want steps; then
   step_args=(--step --device "$device" --out "$results" --rep-ms 100 --variants dropout,td-weight,td-unit,td-nm)

@@ -7,7 +7,7 @@ branch on backend names. One launcher per targeting kind and direction; what var
 kind (where the block sits in a global weight, whether the forward writes a mask) is an
 argument, never another launcher. Every launcher takes plain tensors and Python ints:
 
-``weight_dropout(w2d, seed, k, D, *, window=None, limit=None, bits=False) -> (out2d, limit, bits)``
+``weight_dropout(w2d, seed, k, D, *, window=None, limit=None, bits=False, variant=None) -> (out2d, limit, bits)``
     ``k = count(targ_rate, F)``, ``D = floor(drop_rate * 2**32)`` (0..2**32), ``seed`` a Python
     int in [0, 2**63), or the graph-safe seed (SPEC section 9): a 0-dim int64 tensor on w2d's
     device holding it, which the kernels read on the device (no host copy; every launcher
@@ -40,15 +40,31 @@ The shared arguments:
     place. The backward given that tensor reads only grad and the bits (4 bytes per 32
     elements); without it, it recomputes the mask from W (SPEC section 7 allows both, and
     every backend must give the same bits either way).
+``variant`` None (the backend's default, a module knob) or one of ``Backend.variants["weight"]``:
+    another algorithm for the same bits (how the threshold is selected). ``backend="auto"``
+    passes the one measured fastest on this device (``choose``); a backend without variants
+    takes None only.
+
+``backend="auto"``: on a device listed in ``td_kernels._measured.CARDS`` (a GPU whose benchmark
+was tuned in by ``td-kernels tune``), each targeting kind takes the backend and variant measured
+fastest there, when that backend serves the call; everywhere else, and as the fallback, the
+usable backend of highest ``priority`` for the device type.
 """
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Backend", "register", "unavailable", "available_backends", "check_name", "resolve", "known_backends"]
+from . import _measured
+
+__all__ = ["Backend", "register", "unavailable", "available_backends", "check_name", "resolve", "choose",
+           "known_backends", "card_name", "card_slug", "measured_choice", "check_variant", "KINDS"]
+
+KINDS = ("weight", "nm", "unit")
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,8 @@ class Backend:
     # optional extra gate per device type, e.g. Triton on CPU only under TRITON_INTERPRET=1;
     # returns None when usable, else the reason it is not
     gate: Optional[Callable[[str], Optional[str]]] = field(default=None)
+    # targeting kind -> the names of its launcher's ``variant`` values, the default first
+    variants: dict = field(default_factory=dict)
 
     def why_not(self, device_type: str) -> Optional[str]:
         if device_type not in self.priority:
@@ -124,13 +142,81 @@ def check_name(name) -> None:
         raise ValueError(f"backend {name!r} is not available: {_UNAVAILABLE.get(name, 'it did not register')}")
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that serves a tensor of ``device``/``dtype``; clear errors otherwise."""
+def card_name(device) -> str:
+    """The name ``_measured.CARDS`` knows ``device`` by: torch's name for a GPU (``"NVIDIA H200"``),
+    /proc/cpuinfo's model for the CPU, lower-cased with every run of other characters one ``-``
+    (``"nvidia-h200"``), as bench/gpu.sh names its results folder."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return _card_name("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    return _card_name(dev.type, dev.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _card_name(device_type: str, index) -> str:
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name(index)
+    elif device_type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((l.split(":", 1)[1] for l in f if l.startswith("model name")), "cpu")
+        except OSError:
+            name = "cpu"
+    else:
+        name = device_type
+    return card_slug(name)
+
+
+def card_slug(name: str) -> str:
+    """``"NVIDIA H200"`` -> ``"nvidia-h200"``: lower case, each run of other characters one ``-``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def measured_choice(device, kind: str) -> Optional[dict]:
+    """``_measured.CARDS``' choice for ``kind`` on ``device``'s card (``{"backend", "variant", ...}``),
+    or None when that card was not measured."""
+    dev = torch.device(device)
+    if not any(c.get("device_type") == dev.type for c in _measured.CARDS.values()):
+        return None  # the common case: no name lookup at all
+    card = _measured.CARDS.get(card_name(dev))
+    return None if card is None else card.get("choices", {}).get(kind)
+
+
+def check_variant(backend: str, kind: str, variant, variants: tuple) -> Optional[str]:
+    """``variant`` is None or one of ``variants`` (a ValueError naming both otherwise)."""
+    if variant is not None and variant not in variants:
+        have = f"one of {variants}" if variants else "None (it has one algorithm)"
+        raise ValueError(f"variant of backend {backend!r}'s {kind} forward must be {have}; got {variant!r}")
+    return variant
+
+
+def _serves(b: Backend, dev: str, dtype: torch.dtype) -> bool:
+    return b.why_not(dev) is None and dtype in b.dtypes
+
+
+def choose(name: str, device: torch.device, dtype: torch.dtype, kind: Optional[str] = None):
+    """``(backend, variant)`` for a call of targeting ``kind`` on a ``device``/``dtype`` tensor:
+    ``resolve``'s backend and, where ``backend="auto"`` took a measured choice, its variant
+    (else None: the backend's default)."""
+    check_name(name)
+    if name == "auto" and kind is not None:
+        pick = measured_choice(device, kind)
+        b = _BACKENDS.get(pick["backend"]) if pick else None
+        if b is not None and _serves(b, device.type, dtype):
+            return b, check_variant(b.name, kind, pick.get("variant"), b.variants.get(kind, ()))
+    return resolve(name, device, dtype), None
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype, kind: Optional[str] = None) -> Backend:
+    """The backend that serves a tensor of ``device``/``dtype``; clear errors otherwise. With
+    ``kind``, ``backend="auto"`` takes the measured choice for that targeting kind (``choose``)."""
+    if kind is not None:
+        return choose(name, device, dtype, kind)[0]
     check_name(name)
     dev = device.type
     if name == "auto":
         for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority.get(dev, -1)):
-            if b.why_not(dev) is None and dtype in b.dtypes:
+            if _serves(b, dev, dtype):
                 return b
         raise ValueError(f"backend='auto': no backend serves {dtype} tensors on {dev}")
     b = _BACKENDS[name]

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ._registry import resolve
+from ._registry import choose, resolve
 from .reference import Window, bits_words
 
 __all__ = ["check_mask", "weight_dropout", "weight_dropout_backward", "nm_dropout", "nm_dropout_backward",
@@ -116,9 +116,9 @@ def _weight_dropout(w: Tensor, params: Tensor, backend: str, mask: str, limit: O
         lim = limit.clone() if limit is not None else torch.full((U,), -1, dtype=torch.int32, device=w.device)
         bits = torch.zeros((U, bits_words(F)), dtype=torch.int32, device=w.device) if want_bits else _empty_bits(w)
         return w.clone(), lim, bits
-    b = resolve(backend, w.device, w.dtype)
+    b, variant = choose(backend, w.device, w.dtype, "weight")
     out, lim, bits = b.weight_dropout(_as_2d(w.contiguous()), seed, k, D, window=_window(origin, row_stride, F),
-                                      limit=limit, bits=want_bits)
+                                      limit=limit, bits=want_bits, variant=variant)
     if limit is not None and lim.data_ptr() == limit.data_ptr():
         lim = lim.clone()  # an op's output may not alias its input
     return out.view(w.shape), lim, bits if want_bits else _empty_bits(w)
@@ -139,7 +139,7 @@ def _weight_dropout_backward(grad: Tensor, w: Optional[Tensor], limit: Tensor, b
     use_bits = _wants_bits(mask)
     if grad.numel() == 0:
         return grad.clone()
-    b = resolve(backend, grad.device, grad.dtype)
+    b = resolve(backend, grad.device, grad.dtype, "weight")
     F = _fan_in(grad)
     out = b.weight_dropout_backward(_as_2d(grad.contiguous()), None if use_bits else _as_2d(w.contiguous()),
                                     limit, seed, D, window=_window(origin, row_stride, F),
@@ -184,7 +184,7 @@ def _nm_dropout(w: Tensor, params: Tensor, n: int, m: int, backend: str, mask: s
         bits = torch.zeros((w.shape[0], bits_words(F)), dtype=torch.int32, device=w.device) if want_bits \
             else _empty_bits(w)
         return w.clone(), bits
-    b = resolve(backend, w.device, w.dtype)
+    b = resolve(backend, w.device, w.dtype, "nm")
     out, bits = b.nm_dropout(_as_2d(w.contiguous()), seed, n, m, D, window=_window(origin, row_stride, F),
                              bits=want_bits)
     return out.view(w.shape), bits if want_bits else _empty_bits(w)
@@ -205,7 +205,7 @@ def _nm_dropout_backward(grad: Tensor, w: Optional[Tensor], bits: Tensor, params
     use_bits = _wants_bits(mask)
     if grad.numel() == 0:
         return grad.clone()
-    b = resolve(backend, grad.device, grad.dtype)
+    b = resolve(backend, grad.device, grad.dtype, "nm")
     out = b.nm_dropout_backward(_as_2d(grad.contiguous()), None if use_bits else _as_2d(w.contiguous()), seed, n,
                                 m, D, window=_window(origin, row_stride, _fan_in(grad)),
                                 bits=bits if use_bits else None)
@@ -241,7 +241,7 @@ def _unit_dropout(w: Tensor, params: Tensor, backend: str, dseed: Optional[Tenso
     seed = _seed(seed, dseed, w)
     if w.numel() == 0:
         return w.clone(), torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
-    b = resolve(backend, w.device, w.dtype)
+    b = resolve(backend, w.device, w.dtype, "unit")
     out, keep = b.unit_dropout(_as_2d(w.contiguous()), seed, k, D)
     return out.view(w.shape), keep
 
@@ -257,7 +257,7 @@ def _(w, params, backend, dseed=None):
 def _unit_dropout_backward(grad: Tensor, keep: Tensor, backend: str) -> Tensor:
     if grad.numel() == 0:
         return grad.clone()
-    b = resolve(backend, grad.device, grad.dtype)
+    b = resolve(backend, grad.device, grad.dtype, "unit")
     return b.unit_dropout_backward(_as_2d(grad.contiguous()), keep).view(grad.shape)
 
 

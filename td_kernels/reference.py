@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._registry import check_variant
+
 __all__ = [
     "philox4x32_10", "philox_words", "window_words", "rank_keys", "count", "drop_threshold",
     "Window", "check_window", "pack_bits", "unpack_bits", "bits_words",
@@ -226,9 +228,11 @@ def _bits_or_none(keep, bits: bool):
     return pack_bits(keep) if bits else None
 
 
-def weight_dropout(w2d, seed: int, k: int, drop_threshold: int, *, window=None, limit=None, bits: bool = False):
+def weight_dropout(w2d, seed: int, k: int, drop_threshold: int, *, window=None, limit=None, bits: bool = False,
+                   variant=None):
     """``(out, limit, bits)``: ``limit`` given (int32 [U]) skips the selection (k is then unused);
-    ``bits`` asks for the packed keep mask (else None)."""
+    ``bits`` asks for the packed keep mask (else None). ``variant``: None, the one algorithm."""
+    check_variant("reference", "weight", variant, ())
     if limit is None:
         limit = weight_limits(w2d, k)
     keep = weight_keep(w2d, limit, seed, drop_threshold, window)

@@ -20,7 +20,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "td_kernels"
 # layer -> module prefixes: a prefix names the module and everything below it, except
 # "td_kernels", which names the package's own __init__ only
 LAYERS = {
-    "base": ("td_kernels.reference", "td_kernels._registry", "td_kernels._params", "td_kernels._C"),
+    "base": ("td_kernels.reference", "td_kernels._registry", "td_kernels._measured", "td_kernels._params",
+             "td_kernels._C"),
     "backends": ("td_kernels.backends",),
     "core": ("td_kernels.ops", "td_kernels.distributed", "td_kernels.api"),
     "training": ("td_kernels.training",),

@@ -17,7 +17,7 @@ import importlib.util
 
 import torch
 
-from .._registry import Backend, device_present, register
+from .._registry import Backend, check_variant, device_present, register
 from ..reference import bits_words, check_nm, check_window
 
 if importlib.util.find_spec("td_kernels._C") is None:  # say "not built", not "circular import"
@@ -32,10 +32,11 @@ BUILD_INFO: str = _C.BUILD_INFO  # e.g. "cpu: x86-64 (gcc 12.2), AVX2 ...; cuda:
 _ops = torch.ops.td_kernels_native
 
 
-# How the CUDA weight forward selects (read at each launch; the benchmark's provider
-# "native:fused" sets it): "two-pass" = a select kernel then the apply kernel (W read twice, the
-# second mostly from L2); "fused" = one kernel with the row in shared memory (W read once; rows
-# of up to 32 KB, longer ones take "two-pass"). Same bits either way; the CPU ignores it.
+# How the CUDA weight forward selects: the launcher's ``variant``, else this default (read at
+# each launch; the benchmark's provider "native:fused" sets it): "two-pass" = a select kernel
+# then the apply kernel (W read twice, the second mostly from L2); "fused" = one kernel with the
+# row in shared memory (W read once; rows of up to 32 KB, longer ones take "two-pass"). Same
+# bits either way; the CPU ignores it.
 WEIGHT_FORWARDS = ("two-pass", "fused")
 WEIGHT_FORWARD = "two-pass"
 
@@ -61,11 +62,14 @@ def _bits_or_none(bits):
     return bits if bits.dim() == 2 else None  # the ops return an empty 1-D tensor for "no bits"
 
 
-def weight_dropout(w2d, seed: int, k: int, drop_threshold: int, *, window=None, limit=None, bits=False):
+def weight_dropout(w2d, seed: int, k: int, drop_threshold: int, *, window=None, limit=None, bits=False,
+                   variant=None):
     U, F = w2d.shape
     s, dseed = _seed(seed)
+    how = check_weight_forward(WEIGHT_FORWARD) if variant is None else \
+        check_variant("native", "weight", variant, WEIGHT_FORWARDS)
     out, lim, b = _ops.weight_dropout(w2d, s, k, drop_threshold, *_window_args(window, U, F), limit, bool(bits), dseed,
-                                      check_weight_forward(WEIGHT_FORWARD) == "fused")
+                                      how == "fused")
     return out, lim, _bits_or_none(b)
 
 
@@ -146,4 +150,5 @@ register(Backend(
     unit_dropout_backward=unit_dropout_backward,
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     gate=device_present,  # built with CUDA kernels is not a GPU being here
+    variants={"weight": WEIGHT_FORWARDS},
 ))

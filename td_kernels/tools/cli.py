@@ -1,5 +1,5 @@
-"""The ``td-kernels`` command: ``td-kernels demo [...]``, ``td-kernels analyse [...]``, ``td-kernels bench [...]`` and
-``td-kernels info``."""
+"""The ``td-kernels`` command: ``td-kernels demo [...]``, ``td-kernels analyse [...]``, ``td-kernels bench [...]``,
+``td-kernels tune CSV`` and ``td-kernels info``."""
 from __future__ import annotations
 
 import argparse
@@ -64,7 +64,7 @@ def _analyse_parser(sub) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="td-kernels", description="td_kernels: fast targeted dropout for PyTorch")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,analyse,bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,analyse,bench,tune,info}")
     _demo_parser(sub)
     _analyse_parser(sub)
     info = sub.add_parser("info", help="versions, devices, backends and build: paste it into a bug report",
@@ -76,11 +76,17 @@ def main(argv=None) -> int:
                       help="check only that the native CUDA kernels are built and complete (sm_80, sm_90, every "
                            "op registered for CUDA); say what is missing and exit 1 if anything is")
     sub.add_parser("bench", help="benchmark the backends (arguments go to td_kernels.tools.bench.ops)", add_help=False)
+    sub.add_parser("tune", help="from a card's benchmark CSV, what backend='auto' picks there (td_kernels.tools.bench.tune)",
+                   add_help=False)
     if argv[:1] == ["bench"]:
         # hand every remaining argument to the benchmark's own parser
         from .bench import ops  # lazily: it may pull in Triton and the native extension
 
         return ops.main(argv[1:]) or 0
+    if argv[:1] == ["tune"]:
+        from .bench import tune
+
+        return tune.main(argv[1:]) or 0
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -132,16 +132,35 @@ def _backends(device_types) -> list:
     return rows
 
 
+def _auto_picks(device_type: str, names: list) -> str:
+    """What backend="auto" takes on this device type: the priority order's first backend, or,
+    on a card that ``td-kernels tune`` measured, the choice per targeting kind."""
+    from .._measured import CARDS
+    from .._registry import KINDS, card_name, choose, measured_choice
+
+    first = names[0] if names else "none"
+    if not names or (device_type == "cuda" and not torch.cuda.is_available()):
+        return first
+    dev = torch.device(device_type)
+    if all(measured_choice(dev, kind) is None for kind in KINDS):
+        return f"{first} (by priority: {card_name(dev)} was not measured)"
+    picks = []
+    for kind in KINDS:
+        b, variant = choose("auto", dev, torch.float32, kind)
+        m = measured_choice(dev, kind)
+        how = "measured" if m and m["backend"] == b.name else "by priority"
+        picks.append(f"{kind}: {b.name}{'' if variant is None else ':' + variant} ({how})")
+    card = CARDS[card_name(dev)]
+    return f"{', '.join(picks)}; tuned from {card['source']} at commit {card['git_commit']}"
+
+
 def collect() -> dict:
     """Everything ``td-kernels info`` prints, as a dict."""
     import td_kernels as td
     from .._registry import available_backends
 
     device_types = ["cpu", "cuda"] + (["mps"] if "mps" in _devices() else [])
-    auto = {}
-    for d in device_types:
-        names = available_backends(d)
-        auto[d] = names[0] if names else "none"
+    auto = {d: _auto_picks(d, available_backends(d)) for d in device_types}
     cuda = torch.version.cuda
     return {
         "td_kernels": f"{td.__version__} ({os.path.dirname(td.__file__)})",

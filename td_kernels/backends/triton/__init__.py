@@ -34,4 +34,5 @@ register(Backend(
     unit_dropout=_unit.unit_dropout,
     unit_dropout_backward=_unit.unit_dropout_backward,
     gate=_gate,
+    variants={"weight": _weight.SELECTS},
 ))

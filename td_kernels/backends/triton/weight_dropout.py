@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._registry import check_variant
 from ...reference import check_window
 from ._common import (KEY_MAX, _cols, _key, _load_seed, _store_bits, aligned, _tile_dropped, bits_backward,
                       check_count, check_drop_threshold, check_limit, check_grad, check_w2d, device_guard,
@@ -52,8 +53,8 @@ MAX_ONE_PASS_GROUPS = 2048   # rows of up to 8192 columns are selected from regi
 CHUNK_GROUPS = 1024          # columns per chunk of the streamed path: 4 * this
 BACKWARD_GROUPS = 1024       # columns per recompute-backward iteration: 4 * this
 MIN_GROUPS = 8
-# How a row resident in registers is selected (read at each launch; the benchmark's provider
-# "triton:sampled" sets it): "radix" = _select, "sampled" = _select_sampled. Same bits either
+# How a row resident in registers is selected: the launcher's ``variant``, else this default
+# (read at each launch; the benchmark's provider "triton:sampled" sets it): "radix" = _select, "sampled" = _select_sampled. Same bits either
 # way; streamed rows always take the radix select.
 SELECTS = ("radix", "sampled")
 SELECT = "radix"
@@ -294,10 +295,11 @@ def _block_groups(groups: int, cap: int) -> int:
 
 
 def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int, *, window=None,
-                   limit=None, bits: bool = False):
+                   limit=None, bits: bool = False, variant=None):
     """SPEC weight targeting on ``w2d = w.reshape(U, F)``: ``(out2d, limit, bits or None)``
-    (the launcher contract of ``td_kernels._registry``)."""
+    (the launcher contract of ``td_kernels._registry``); ``variant`` one of SELECTS, else SELECT."""
     check_w2d(w2d)
+    how = check_select(SELECT) if variant is None else check_variant("triton", "weight", variant, SELECTS)
     (seed, seed_ptr, from_ptr), D = seed_args(seed, w2d.device), check_drop_threshold(drop_threshold)
     U, F = w2d.shape
     origin, row_stride = check_window(window, U, F)
@@ -320,7 +322,7 @@ def weight_dropout(w2d: torch.Tensor, seed: int, k: int, drop_threshold: int, *,
         _weight_dropout_kernel[(U,)](
             w2d, out, lim, packed if bits else out, seed, seed_ptr, D, origin, row_stride, F,
             packed.shape[1] if bits else 0, k if select else 0, SELECT=select, ONE_PASS=one_pass, BITS=bits,
-            SAMPLED=select and one_pass and check_select(SELECT) == "sampled",
+            SAMPLED=select and one_pass and how == "sampled",
             ALIGNED=aligned(origin, row_stride), BLOCK_G=block_g, SEED_PTR=from_ptr,
             num_warps=forward_warps(one_pass, block_g))
     return out, lim, packed
