@@ -120,7 +120,7 @@ if want ops; then
   fi
   stage ops 80 "$PY" -m td_kernels bench "${bench_args[@]}" "${extra[@]}" &&
     # what backend="auto" should take on this card, per targeting kind (into the log; a session
-    # records it with `td-kernels tune bench/results/<card>/bench.csv --write`)
+    # records it with `td-kernels tune <this bench.csv> --write`, bench/README.md)
     stage tune 10 "$PY" -m td_kernels tune "$results/bench.csv"
 fi
 if want steps; then

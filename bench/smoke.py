@@ -1,7 +1,8 @@
 """`bash bench/gpu.sh --smoke`'s check: is every kernel family right on this device, and how fast?
 
 For each backend that serves the device except the reference ("triton", "native"; the Triton
-interpreter on a CPU) and each family (weight, N:M, unit), one forward and one backward on the
+interpreter on a CPU) and each family (weight, N:M, unit), and for weight targeting each other
+selection variant ("triton:sampled", "native:fused"), one forward and one backward on the
 device compared bit for bit (outputs and grads as integers: NaN payloads and -0 count) with the
 reference on a CPU copy; then one timing line per backend: weight targeted dropout forward +
 backward on one shape, next to a clone. Every line is printed and appended to OUT/smoke.csv as
@@ -22,6 +23,7 @@ import torch
 
 import td_kernels as td
 from td_kernels.tools.bench.common import device_name, time_fn
+from td_kernels.tools.bench.ops import VARIANTS, variant
 
 SEED, DROP, TARG, NM = 2026, 0.5, 0.5, (2, 4)
 CHECK_SHAPE = (67, 1028)  # odd unit count, a fan-in neither a power of two nor a multiple of 16 words
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
         wr.writerow(["device", "backend", "what", "dtype", "shape", "result"])
 
     def emit(backend, what, dtype, shp, result):
-        print(f"smoke: {backend:9s} {what:22s} {dtype:9s} {shp:10s} {result}", flush=True)
+        print(f"smoke: {backend:14s} {what:22s} {dtype:9s} {shp:10s} {result}", flush=True)
         wr.writerow([device_name(device), backend, what, dtype, shp, result])
         f.flush()
 
@@ -81,16 +83,20 @@ def main(argv=None) -> int:
     failed = 0 if backends else 1
     if not backends:
         emit("-", "backends", "-", "-", f"FAILED: none serves {device.type} (td-kernels info says why)")
-    for backend in backends:
-        for family in FAMILIES:
-            t0 = time.perf_counter()
-            try:
+    # the backends' other selection variants too ("native:fused", "triton:sampled"): backend="auto"
+    # takes one where td-kernels tune measured it fastest (the CPU ignores native's)
+    checks = [(b, family) for b in backends for family in FAMILIES]
+    checks += [(v, "weight") for v, (b, *_) in VARIANTS.items() if b in backends]
+    for provider, family in checks:
+        t0 = time.perf_counter()
+        try:
+            with variant(provider) as backend:
                 result = check(family, backend, device, torch.float32)
-            except Exception as e:  # a launch or compile error is a failed check, not the end
-                result = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            failed += result != "ok"
-            emit(backend, f"{family} fwd+bwd bit-exact", "float32", "x".join(map(str, CHECK_SHAPE)),
-                 f"{'ok' if result == 'ok' else 'FAILED: ' + result} ({time.perf_counter() - t0:.1f} s)")
+        except Exception as e:  # a launch or compile error is a failed check, not the end
+            result = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        failed += result != "ok"
+        emit(provider, f"{family} fwd+bwd bit-exact", "float32", "x".join(map(str, CHECK_SHAPE)),
+             f"{'ok' if result == 'ok' else 'FAILED: ' + result} ({time.perf_counter() - t0:.1f} s)")
     timing = SimpleNamespace(warmup_ms=10, rep_ms=50, cuda_runs=20, slow_call_s=1.0, slow_runs=3, min_time=0.2)
     w = torch.randn(shape, device=device).requires_grad_()
     g = torch.randn(shape, device=device)

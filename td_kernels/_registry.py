@@ -182,6 +182,30 @@ def measured_choice(device, kind: str) -> Optional[dict]:
     return None if card is None else card.get("choices", {}).get(kind)
 
 
+_WARNED: set = set()
+
+
+def _measured_pick(device: torch.device, dtype: torch.dtype, kind: str):
+    """``(backend, variant)`` of the measured choice when it can serve this call, else None. An
+    entry this library cannot use (an unknown backend or variant: a table from another version)
+    falls back to the priority order with one warning, never an error in a user's call."""
+    pick = measured_choice(device, kind)
+    if pick is None:
+        return None
+    name, variant = pick.get("backend"), pick.get("variant")
+    b = _BACKENDS.get(name)
+    if name not in KNOWN or (b is not None and variant is not None and variant not in b.variants.get(kind, ())):
+        key = (card_name(device), kind)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            import warnings
+            warnings.warn(f"td_kernels._measured.CARDS[{key[0]!r}] names backend {name!r} variant {variant!r} for "
+                          f"{kind} targeting, which this td_kernels does not have: backend='auto' uses the "
+                          "priority order there (re-run `td-kernels tune --write`)", RuntimeWarning, stacklevel=4)
+        return None
+    return (b, variant) if b is not None and _serves(b, device.type, dtype) else None
+
+
 def check_variant(backend: str, kind: str, variant, variants: tuple) -> Optional[str]:
     """``variant`` is None or one of ``variants`` (a ValueError naming both otherwise)."""
     if variant is not None and variant not in variants:
@@ -199,12 +223,8 @@ def choose(name: str, device: torch.device, dtype: torch.dtype, kind: Optional[s
     ``resolve``'s backend and, where ``backend="auto"`` took a measured choice, its variant
     (else None: the backend's default)."""
     check_name(name)
-    if name == "auto" and kind is not None:
-        pick = measured_choice(device, kind)
-        b = _BACKENDS.get(pick["backend"]) if pick else None
-        if b is not None and _serves(b, device.type, dtype):
-            return b, check_variant(b.name, kind, pick.get("variant"), b.variants.get(kind, ()))
-    return resolve(name, device, dtype), None
+    pick = _measured_pick(device, dtype, kind) if name == "auto" and kind is not None else None
+    return pick if pick is not None else (resolve(name, device, dtype), None)
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype, kind: Optional[str] = None) -> Backend:

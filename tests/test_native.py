@@ -48,16 +48,21 @@ def grad_like(w, seed):
 
 def check_weight(w, seed, targ, drop, device="cpu", window=None):
     """Forward (with and without bits, and with the limits given back), both backwards: all
-    bit for bit against the reference."""
+    bit for bit against the reference. On CUDA the forward runs once per variant (two-pass and
+    fused, whose rows over 32 KB fall back to two-pass): backend="auto" may take either there."""
     U, F = w.shape
     k, D = R.count(targ, F), R.drop_threshold(drop)
     ref_out, ref_limit, ref_bits = R.weight_dropout(w, seed, k, D, window=window, bits=True)
     wd = w.to(device)
-    out, limit, bits = native.weight_dropout(wd, seed, k, D, window=window, bits=True)
-    assert limit.dtype == torch.int32 and limit.shape == (U,)
-    assert torch.equal(limit.cpu(), ref_limit), (limit, ref_limit)
-    assert_bits(out.cpu(), ref_out)
-    assert_words(bits, ref_bits)
+    for variant in native.WEIGHT_FORWARDS if wd.is_cuda else (None,):  # the CPU has one algorithm
+        out, limit, bits = native.weight_dropout(wd, seed, k, D, window=window, bits=True, variant=variant)
+        assert limit.dtype == torch.int32 and limit.shape == (U,)
+        assert torch.equal(limit.cpu(), ref_limit), (variant, limit, ref_limit)
+        assert_bits(out.cpu(), ref_out)
+        assert_words(bits, ref_bits)
+        out_nobits, _limit, none = native.weight_dropout(wd, seed, k, D, window=window, variant=variant)
+        assert none is None
+        assert_bits(out_nobits.cpu(), ref_out)
     out2, limit2, none = native.weight_dropout(wd, seed, k, D, window=window, limit=limit)  # no selection
     assert none is None and limit2.data_ptr() != limit.data_ptr() and torch.equal(limit2, limit)
     assert_bits(out2.cpu(), ref_out)

@@ -62,19 +62,43 @@ def test_entry_records_backend_variant_and_runner_up():
     rows = [_row("weight", "triton", 3.0), _row("weight", "triton:sampled", 2.0), _row("weight", "native", 2.5),
             _row("unit", "native", 1.0), _row("unit", "triton", 1.5)]
     _card, value = tune.entry(rows, "bench/results/x/bench.csv")
-    assert value["choices"]["weight"] == {"backend": "triton", "variant": "sampled", "score": 1.0, "wins": 1,
-                                          "groups": 1, "next": "native", "next_score": 1.25}
+    assert value["choices"]["weight"] == {"backend": "triton", "variant": "sampled", "provider": "triton:sampled",
+                                          "score": 1.0, "wins": 1, "groups": 1, "next": "native",
+                                          "next_score": 1.25}
     assert value["choices"]["unit"]["backend"] == "native" and value["choices"]["unit"]["variant"] is None
     assert value["device_type"] == "cuda" and value["git_commit"] == "abc1234"
 
 
+def test_a_win_inside_the_margin_keeps_the_priority_orders_choice():
+    """On CUDA auto takes triton unmeasured: a rival 2% faster does not move it, 10% faster does;
+    a tie goes to the default variant; a plain provider records its default variant by name."""
+    for rival, ms, want in [("native", 0.98, ("triton", "radix")), ("native", 0.90, ("native", "two-pass")),
+                            ("triton:sampled", 1.0, ("triton", "radix")), ("native:fused", 1.0, ("triton", "radix"))]:
+        rows = [_row("weight", "triton", 1.0), _row("weight", rival, ms), _row("weight", "reference", 1.0)]
+        c = tune.entry(rows, "x")[1]["choices"]["weight"]
+        assert (c["backend"], c["variant"]) == want, (rival, ms, c)
+    for rows, want in [([_row("nm", "reference", 1.0), _row("nm", "triton", 1.0)], ["triton", "reference"]),
+                       ([_row("nm", "reference", 1.0), _row("nm", "native", 1.0)], ["native", "reference"])]:
+        assert [p for p, *_ in tune.score(rows, "nm")] == want  # a tie: the CUDA priority order, whatever
+        # this machine built (here native has no CUDA kernels)
+
+
 def test_bad_csvs_are_refused_with_the_reason(tmp_path, capsys):
-    with pytest.raises(ValueError, match="one device's rows"):
+    with pytest.raises(ValueError, match="several devices' rows \\(Other, Test Card 9000\\): pass --card"):
         tune.entry([_row("unit", "native", 1.0), _row("unit", "native", 1.0, name="Other")], "x")
+    with pytest.raises(ValueError, match="no rows"):
+        tune.entry([], "x")
     with pytest.raises(ValueError, match="no fwd\\+bwd rows"):
         tune.entry([_row("unit", "native", 1.0, mode="fwd")], "x")
-    with pytest.raises(ValueError, match="ms must be a positive time"):
-        tune.score([_row("unit", "native", "nan")], "unit")
+    for ms in ("nan", "0", "-1", "inf"):
+        with pytest.raises(ValueError, match="row native unit fwd\\+bwd 64x64 float32 : ms must be a positive finite"):
+            tune.score([_row("unit", "native", ms)], "unit")
+    with pytest.raises(ValueError, match="ms must be a number, got ''"):
+        tune.score([_row("unit", "native", "")], "unit")
+    with pytest.raises(ValueError, match="two fwd\\+bwd rows of native"):
+        tune.score([_row("unit", "native", 1.0), _row("unit", "native", 2.0)], "unit")
+    with pytest.raises(ValueError, match="backend 'native' has no weight variant 'bogus'"):
+        tune.entry([_row("weight", "native:bogus", 1.0)], "x")
     with pytest.raises(SystemExit):
         cli.main(["tune", str(tmp_path / "missing.csv")])
     assert "no such file" in capsys.readouterr().err
@@ -85,13 +109,38 @@ def test_bad_csvs_are_refused_with_the_reason(tmp_path, capsys):
     assert "not an op benchmark CSV" in capsys.readouterr().err
 
 
-def test_tune_ranks_the_committed_cpu_benchmark(capsys):
-    """A real CSV, as `td-kernels bench` wrote it: native beats the reference for every kind."""
-    assert cli.main(["tune", str(ROOT / "bench/results/cpu/bench.csv")]) == 0
+def test_tune_ranks_the_committed_cpu_benchmark(capsys, tmp_path):
+    """A real CSV, as `td-kernels bench` wrote it: native fastest in every group for every kind
+    (the reference, skipped on the large shapes there, is listed but unranked); --write refuses
+    a CPU."""
+    csv_path = str(ROOT / "bench/results/cpu/bench.csv")
+    assert cli.main(["tune", csv_path, "--card", "intel-r-xeon-r-processor-2-50ghz"]) == 0
     out = capsys.readouterr().out
-    for kind in _registry.KINDS:
-        assert f"  {kind}: native (score 1.000" in out
-    assert "reference" in out and "clone" not in out  # ranked against each other, never the yardsticks
+    assert "  weight: native:two-pass (score 1.000, fastest in 12 of 12 groups" in out
+    assert "  nm: native (score 1.000" in out and "  unit: native (score 1.000" in out
+    assert "reference" in out and "clone" not in out  # listed, never the yardsticks
+    with pytest.raises(SystemExit):
+        cli.main(["tune", csv_path, "--card", "nvidia-h200"])
+    assert "no rows of 'nvidia-h200'" in capsys.readouterr().err
+    into = tmp_path / "_measured.py"
+    shutil.copy(_measured.__file__, into)
+    with pytest.raises(SystemExit):
+        cli.main(["tune", csv_path, "--write", "--into", str(into)])
+    assert "the table is for GPU cards" in capsys.readouterr().err
+    assert into.read_text() == Path(_measured.__file__).read_text()
+
+
+def test_write_through_the_cli(tmp_path, capsys):
+    into = tmp_path / "_measured.py"
+    shutil.copy(_measured.__file__, into)
+    path = _csv(tmp_path, [_row("weight", "native:fused", 1.0), _row("weight", "native", 1.5),
+                           _row("weight", "triton", 2.0)])
+    assert cli.main(["tune", str(path), "--write", "--into", str(into)]) == 0
+    assert f"written to {into}" in capsys.readouterr().out
+    ns = {}
+    exec(compile(into.read_text(), str(into), "exec"), ns)
+    c = ns["CARDS"]["test-card-9000"]["choices"]["weight"]
+    assert (c["backend"], c["variant"], c["next"]) == ("native", "fused", "native")
 
 
 def test_write_replaces_the_cards_entry_and_keeps_the_module(tmp_path):
@@ -107,6 +156,10 @@ def test_write_replaces_the_cards_entry_and_keeps_the_module(tmp_path):
     assert ns["CARDS"]["test-card-9000"]["choices"]["unit"]["backend"] == "triton"
     assert ns["CARDS"]["test-card-9000"]["source"] == "b.csv"
     assert ns["__doc__"] == _measured.__doc__
+    before = path.read_text()
+    with pytest.raises(ValueError, match="does not read back"):  # would break `import td_kernels`
+        tune.write_entry("bad", {"score": float("inf")}, path=path)
+    assert path.read_text() == before
 
 
 # ---- the table and the registry -----------------------------------------------------------------
@@ -114,6 +167,13 @@ def test_the_packaged_table_names_backends_kinds_and_variants_that_exist():
     variants = {"reference": (), "native": ("two-pass", "fused"), "triton": ("radix", "sampled")}
     for name, b in _registry._BACKENDS.items():
         assert tuple(b.variants.get("weight", ())) == variants[name]
+    # a plain provider ran the module default: tune records it as the first variant
+    if "native" in _registry._BACKENDS:
+        from td_kernels.backends import native
+        assert native.WEIGHT_FORWARD == native.WEIGHT_FORWARDS[0]
+    if "triton" in _registry._BACKENDS:
+        from td_kernels.backends.triton import weight_dropout as twd
+        assert twd.SELECT == twd.SELECTS[0]
     for card, value in _measured.CARDS.items():
         assert card == _registry.card_slug(value["device_name"]) and value["device_type"] in ("cuda", "cpu")
         for kind, c in value["choices"].items():
@@ -180,13 +240,18 @@ def test_a_measured_backend_that_cannot_serve_falls_back_to_the_priority(monkeyp
     assert _registry.resolve("auto", CPU, torch.float32, "nm").name == "reference"
 
 
-def test_another_card_and_an_unknown_variant(monkeypatch):
+def test_another_card_and_an_entry_this_library_cannot_use(monkeypatch):
     monkeypatch.setitem(_measured.CARDS, "some-other-cpu", {"device_type": "cpu", "device_name": "Some Other CPU",
                                                             "choices": {"unit": {"backend": "reference"}}})
     assert _registry.measured_choice(CPU, "unit") is None  # the table is per card, not per device type
-    _measure_here(monkeypatch, {"weight": {"backend": "reference", "variant": "fast"}})
-    with pytest.raises(ValueError, match="variant of backend 'reference'.s weight forward must be None"):
-        _registry.choose("auto", CPU, torch.float32, "weight")
+    monkeypatch.setattr(_registry, "_WARNED", set())
+    default = _registry.resolve("auto", CPU, torch.float32)
+    for bad in ({"backend": "reference", "variant": "fast"}, {"backend": "cutlass", "variant": None}, {}):
+        _measure_here(monkeypatch, {"weight": bad})
+        _registry._WARNED.clear()
+        with pytest.warns(RuntimeWarning, match="backend='auto' uses the priority order there"):
+            assert _registry.choose("auto", CPU, torch.float32, "weight") == (default, None)
+        td.targeted_weight_dropout(torch.randn(4, 8), 0.5, 0.5, seed=1)  # warned once: no error, no new warning
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])

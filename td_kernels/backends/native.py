@@ -139,9 +139,16 @@ def _(grad, keep):
     return torch.empty_like(grad)
 
 
+def _gate(device_type: str):
+    if device_type == "cuda" and not WITH_CUDA:
+        return "the native extension was built without CUDA kernels"
+    return device_present(device_type)  # built with CUDA kernels is not a GPU being here
+
+
 register(Backend(
     name="native",
-    priority={"cpu": 10, **({"cuda": 10} if WITH_CUDA else {})},
+    # the order is declared whatever was built (td-kernels tune ranks other machines' CSVs by it)
+    priority={"cpu": 10, "cuda": 10},
     weight_dropout=weight_dropout,
     weight_dropout_backward=weight_dropout_backward,
     nm_dropout=nm_dropout,
@@ -149,6 +156,6 @@ register(Backend(
     unit_dropout=unit_dropout,
     unit_dropout_backward=unit_dropout_backward,
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    gate=device_present,  # built with CUDA kernels is not a GPU being here
+    gate=_gate,
     variants={"weight": WEIGHT_FORWARDS},
 ))

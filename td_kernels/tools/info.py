@@ -125,7 +125,7 @@ def _backends(device_types) -> list:
             why = b.why_not(d)
             how = _HOW.get((name, d), "")
             if (name, d) == ("native", "cuda") and why_no_native_cuda() is not None:
-                how = (f" (no CUDA kernels: {why_no_native_cuda()}; with a CUDA build of torch and nvcc on PATH or "
+                how = (f" ({why_no_native_cuda()}; with a CUDA build of torch and nvcc on PATH or "
                        "CUDA_HOME, `pip install --no-build-isolation -e .` compiles them)")
             status[d] = "available" if why is None else f"no: {why}{how}"
         rows.append((name, status))
