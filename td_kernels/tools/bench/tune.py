@@ -178,7 +178,12 @@ def report(rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="td-kernels tune", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="td-kernels tune",
+        description="What backend='auto' should take on a card: rank the backends and their selection variants per "
+                    "targeting kind by fwd+bwd time in the card's op benchmark (td-kernels bench --out DIR wrote "
+                    f"DIR/bench.csv); --write records the winners. A rival must beat the priority order's choice by "
+                    f"{MARGIN:.0%}. See td_kernels/tools/bench/tune.py and the README's Backends section.")
     p.add_argument("csv", type=Path, help="the op benchmark's CSV of one device (bench/results/<card>/bench.csv)")
     p.add_argument("--card", default=None,
                    help="use only this device's rows, by device_name or its slug (a CSV of several devices)")
