@@ -11,11 +11,12 @@
 #      and the copy keeps the CUDA build's td_kernels/_C*.so and _build.json apart from the
 #      clone's own CPU build (.venv loads the clone's td_kernels);
 #   3. the GPU run itself, as far as a CPU goes: `bash bench/gpu.sh --device cpu --stages
-#      ops,steps` in src/ with that venv's python, so CI executes the script a GPU lease runs,
-#      stage by stage, under the GPU machine's torch and triton: its build stage is the install
-#      (TD_KERNELS_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e ., a user's install
-#      less the dependency lookup), then the smoke, the op benchmark and the training-step
-#      benchmark (small CPU shapes; its results go to .cuda-ci/gpu-dry-run/). Its test stage is
+#      ops,steps,sanitize` in src/ with that venv's python, so CI executes the script a GPU lease
+#      runs, stage by stage, under the GPU machine's torch and triton: its build stage is the
+#      install (TD_KERNELS_BUILD_EXT=1 pip install --no-build-isolation --no-deps -e ., a user's
+#      install less the dependency lookup), then the smoke, the op benchmark and its ranking
+#      (tune), the sanitize stage's selection (run plainly: no sanitizer without a GPU) and the
+#      training-step benchmark (small CPU shapes; its results go to .cuda-ci/gpu-dry-run/). Its test stage is
 #      the suite below (the same tests, and the selection itself is tested: test_gpu_script.py);
 #   4. the build checked: `td-kernels info --require-native-cuda` (native.WITH_CUDA, sm_80 and
 #      sm_90 in BUILD_INFO, every td_kernels_native op with a CUDA kernel);
@@ -69,9 +70,9 @@ PHASE=$PWD/$PHASE
 cd "$WORK/src"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # gpu.sh finds python through $PYTHON, nvcc and td-kernels through PATH
-$PHASE "cuda: bench/gpu.sh --device cpu --stages ops,steps (build, smoke, op and step benchmarks)" \
+$PHASE "cuda: bench/gpu.sh --device cpu --stages ops,steps,sanitize (build, smoke, benchmarks, sanitize)" \
   env PYTHON="$LOCAL/bin/python" PATH="$LOCAL/bin:$PATH" OUT="$(dirname "$PWD")/gpu-dry-run" \
-  bash bench/gpu.sh --device cpu --stages ops,steps
+  bash bench/gpu.sh --device cpu --stages ops,steps,sanitize
 echo "test-cuda: td_kernels/_build.json: $(cat td_kernels/_build.json)"
 $PHASE "cuda: check the build (td-kernels info --require-native-cuda)" \
   "$LOCAL/bin/td-kernels" info --require-native-cuda

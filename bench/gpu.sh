@@ -9,11 +9,13 @@
 #                                 #   native CPU kernels and the Triton interpreter, small shapes,
 #                                 #   4x the time limits
 #   --stages tests,ops,steps      # the full run's stages to run (after the smoke); tests-rest:
-#                                 #   the Triton tests left out of tests (tests/conftest.py); --no-build
+#                                 #   the Triton tests left out of tests (tests/conftest.py);
+#                                 #   sanitize: compute-sanitizer on the native CUDA kernels; --no-build
 #   -- ARGS                       # more arguments for the op benchmark (td-kernels bench)
 # Each stage logs its start, end and seconds, runs under `timeout -s INT` (pytest and the
 # benchmarks stop cleanly on SIGINT and keep what they wrote) and writes its results as it goes
-# into $OUT, else bench/results/<card>/: gpu.log smoke.csv tests.xml bench.csv step.csv step.png.
+# into $OUT, else bench/results/<card>/: gpu.log smoke.csv tests.xml bench.csv step.csv step.png
+# (sanitize.csv, tests-rest.xml when asked for).
 # A failed build, or a build without complete native CUDA kernels, stops the run at once.
 # Needs: torch (CUDA build), triton, pytest, hypothesis, matplotlib, ninja, setuptools, nvcc;
 # nothing from the network (PIP_NO_INDEX=1).
@@ -28,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     --stages) stages=$2; shift 2 ;;
     --no-build) build=0; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -122,6 +124,10 @@ if want ops; then
     # what backend="auto" should take on this card, per targeting kind (into the log; a session
     # records it with `td-kernels tune <this bench.csv> --write`, bench/README.md)
     stage tune 10 "$PY" -m td_kernels tune "$results/bench.csv"
+fi
+if want sanitize; then  # not in the default stages: compute-sanitizer on the native CUDA kernels,
+  # for a lease's spare minutes; a runtime that refuses the tool is recorded, not a failure
+  stage sanitize 150 "$PY" bench/sanitize.py --device "$device" --out "$results"
 fi
 if want steps; then
   step_args=(--step --device "$device" --out "$results" --rep-ms 100 --variants dropout,td-weight,td-unit,td-nm)

@@ -41,15 +41,35 @@ GPU_LEAVE_OUT = {
 }
 
 
+# bench/gpu.sh's sanitize stage (bench/sanitize.py runs them under compute-sanitizer's memcheck,
+# racecheck and synccheck): test_native.py cases that reach every native CUDA kernel on small
+# inputs (_weight_select, _apply, _weight_fused and its >32 KB fallback, windows, given limits,
+# N:M, _unit_norms, _unit_select, _fill_i32 for k == 0 or F, ties/NaN/inf, every dtype, both
+# backwards): the device=cuda cases where there is a GPU, else the device=cpu ones (so that CI
+# runs the selection)
+SANITIZE_TESTS = ("test_spec_worked_example", "test_spec_nm_example", "test_given_limits", "test_ties_zeros_nan_inf",
+                  "test_window_block_of_a_global_weight", "test_unit_nan_norms_tie", "test_long_row")
+
+
 def pytest_addoption(parser):
     parser.addoption("--gpu-tests", action="store_true",
                      help="only the tests that run GPU code (tests/test_triton.py, tests/test_native.py's "
                           "device=cuda cases, the cuda-marked tests) less conftest.GPU_LEAVE_OUT: bench/gpu.sh's "
                           "test stage")
     parser.addoption("--gpu-tests-rest", action="store_true", help="only conftest.GPU_LEAVE_OUT's tests")
+    parser.addoption("--sanitize-tests", action="store_true",
+                     help="only conftest.SANITIZE_TESTS' cases on this machine's GPU (else its CPU): bench/gpu.sh's "
+                          "sanitize stage")
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--sanitize-tests"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        keep = [i for i in items if i.path.name == "test_native.py" and i.originalname in SANITIZE_TESTS
+                and getattr(i, "callspec", None) is not None and i.callspec.params.get("device") == device]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+        return
     rest = config.getoption("--gpu-tests-rest")
     if not (config.getoption("--gpu-tests") or rest):
         return

@@ -1,6 +1,6 @@
 """bench/gpu.sh, the script a GPU lease runs, checked where CI can check it.
 
-CI runs the script itself (`.ci/cuda_build.sh`: `gpu.sh --device cpu --stages ops,steps`, its build
+CI runs the script itself (`.ci/cuda_build.sh`: `gpu.sh --device cpu --stages ops,steps,sanitize`, its build
 included); its test stage is the suite, so what is left to prove here is the stage's *selection*
 (`pytest --gpu-tests`, tests/conftest.py): every test that runs GPU code is in it, the leave-outs
 are out, and each leave-out still names a test (a renamed test would silently rejoin the stage
@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import GPU_LEAVE_OUT, GPU_TEST_FILES  # noqa: E402
+from conftest import GPU_LEAVE_OUT, GPU_TEST_FILES, SANITIZE_TESTS  # noqa: E402
 
 # two plugins for the subprocess: the items before conftest's selection (with their markers),
 # and the node ids after it (one hook per module: pluggy takes one implementation of a name each)
@@ -100,6 +100,42 @@ def test_gpu_tests_rest_is_exactly_the_leave_outs(tmp_path):
     names = {r["name"] for r in rows if r["id"] in kept}
     assert {r["file"] for r in rows if r["id"] in kept} == {"test_triton.py"}
     assert names == GPU_LEAVE_OUT, f"names in conftest.GPU_LEAVE_OUT that no test has: {GPU_LEAVE_OUT - names}"
+
+
+def test_sanitize_selection_is_small_native_cases_on_this_machines_device(tmp_path):
+    """The sanitize stage's tests (conftest.SANITIZE_TESTS): each name is a test_native.py test,
+    and the selection keeps exactly their cases on this machine's GPU, else its CPU."""
+    rows, kept = _collect(tmp_path, "--sanitize-tests")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    want = {r["id"] for r in rows if r["file"] == "test_native.py" and r["name"] in SANITIZE_TESTS
+            and r["device"] == device}
+    assert kept == want and {r["name"] for r in rows if r["id"] in kept} == set(SANITIZE_TESTS)
+    assert len(kept) <= 40  # under memcheck each kernel runs 10-100x slower: keep the stage in minutes
+
+
+def test_sanitize_script_classifies_what_the_tool_says(tmp_path):
+    """bench/sanitize.py with a stand-in compute-sanitizer: a refusing runtime is recorded and not
+    a failure, reported errors are; on a CPU the selection runs once, plainly."""
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\ncase "$FAKE" in\n'
+                    '  refuse) echo "========= Error: Device not supported"; exit 255;;\n'
+                    '  errors) echo "========= ERROR SUMMARY: 3 errors"; exit 86;;\nesac\n')
+    fake.chmod(0o755)
+    for mode, rc, want in [("refuse", 0, "refused"), ("errors", 1, "errors: ERROR SUMMARY: 3 errors")]:
+        env = {**os.environ, "FAKE": mode, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+        out = tmp_path / mode
+        proc = subprocess.run([sys.executable, "bench/sanitize.py", "--device", "cuda", "--out", str(out)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == rc, proc.stdout + proc.stderr
+        lines = (out / "sanitize.csv").read_text().splitlines()
+        assert lines[0] == "device,tool,result,seconds" and len(lines) == 4  # one line per tool
+        assert lines[1].startswith(f"cuda,memcheck,{want}"), lines
+    out = tmp_path / "cpu"
+    proc = subprocess.run([sys.executable, "bench/sanitize.py", "--device", "cpu", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout + proc.stderr
+    assert "cpu,none,ok (CPU: no sanitizer" in (out / "sanitize.csv").read_text()
 
 
 def _gpu_sh(*args):
