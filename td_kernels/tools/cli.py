@@ -76,8 +76,8 @@ def main(argv=None) -> int:
                       help="check only that the native CUDA kernels are built and complete (sm_80, sm_90, every "
                            "op registered for CUDA); say what is missing and exit 1 if anything is")
     sub.add_parser("bench", help="benchmark the backends (arguments go to td_kernels.tools.bench.ops)", add_help=False)
-    sub.add_parser("tune", help="from a card's benchmark CSV, what backend='auto' picks there (td_kernels.tools.bench.tune)",
-                   add_help=False)
+    sub.add_parser("tune", add_help=False,
+                   help="from a card's benchmark CSV, what backend='auto' picks there (td_kernels.tools.bench.tune)")
     if argv[:1] == ["bench"]:
         # hand every remaining argument to the benchmark's own parser
         from .bench import ops  # lazily: it may pull in Triton and the native extension

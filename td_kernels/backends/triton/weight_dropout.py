@@ -54,8 +54,8 @@ CHUNK_GROUPS = 1024          # columns per chunk of the streamed path: 4 * this
 BACKWARD_GROUPS = 1024       # columns per recompute-backward iteration: 4 * this
 MIN_GROUPS = 8
 # How a row resident in registers is selected: the launcher's ``variant``, else this default
-# (read at each launch; the benchmark's provider "triton:sampled" sets it): "radix" = _select, "sampled" = _select_sampled. Same bits either
-# way; streamed rows always take the radix select.
+# (read at each launch; the benchmark's provider "triton:sampled" sets it): "radix" = _select,
+# "sampled" = _select_sampled. Same bits either way; streamed rows always take the radix select.
 SELECTS = ("radix", "sampled")
 SELECT = "radix"
 SAMPLE = tl.constexpr(64)  # values in _select_sampled's sample
