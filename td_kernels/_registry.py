@@ -62,7 +62,7 @@ import torch
 from . import _measured
 
 __all__ = ["Backend", "register", "unavailable", "available_backends", "check_name", "resolve", "choose",
-           "known_backends", "card_name", "card_slug", "measured_choice", "check_variant", "KINDS"]
+           "known_backends", "card_name", "card_slug", "device_name", "measured_choice", "check_variant", "KINDS"]
 
 KINDS = ("weight", "nm", "unit")
 
@@ -143,28 +143,33 @@ def check_name(name) -> None:
 
 
 def card_name(device) -> str:
-    """The name ``_measured.CARDS`` knows ``device`` by: torch's name for a GPU (``"NVIDIA H200"``),
-    /proc/cpuinfo's model for the CPU, lower-cased with every run of other characters one ``-``
-    (``"nvidia-h200"``), as bench/gpu.sh names its results folder."""
+    """The name ``_measured.CARDS`` knows ``device`` by: ``device_name`` lower-cased with every run
+    of other characters one ``-`` (``"nvidia-h200"``), as bench/gpu.sh names its results folder."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        return _card_name("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
-    return _card_name(dev.type, dev.index)
+    index = dev.index if dev.index is not None or dev.type != "cuda" else torch.cuda.current_device()
+    return _card_name(dev.type, index)
 
 
 @functools.lru_cache(maxsize=None)
 def _card_name(device_type: str, index) -> str:
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name(index)
-    elif device_type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((l.split(":", 1)[1] for l in f if l.startswith("model name")), "cpu")
-        except OSError:
-            name = "cpu"
-    else:
-        name = device_type
-    return card_slug(name)
+    return card_slug(device_name(torch.device(device_type, index)))
+
+
+def device_name(device) -> str:
+    """torch's name for a GPU (``"NVIDIA H200"``), else the CPU's model from /proc/cpuinfo (the
+    platform's processor name where there is none): the benchmarks' ``device_name`` column."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def card_slug(name: str) -> str:

@@ -95,7 +95,7 @@ def test_bad_csvs_are_refused_with_the_reason(tmp_path, capsys):
             tune.score([_row("unit", "native", ms)], "unit")
     with pytest.raises(ValueError, match="ms must be a number, got ''"):
         tune.score([_row("unit", "native", "")], "unit")
-    with pytest.raises(ValueError, match="two fwd\\+bwd rows of native"):
+    with pytest.raises(ValueError, match="two fwd\\+bwd rows of native for unit \\{'shape': '64x64', 'dtype'"):
         tune.score([_row("unit", "native", 1.0), _row("unit", "native", 2.0)], "unit")
     with pytest.raises(ValueError, match="backend 'native' has no weight variant 'bogus'"):
         tune.entry([_row("weight", "native:bogus", 1.0)], "x")

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..._registry import device_name  # noqa: F401  (the device_name column, as auto's table names cards)
 from ...reference import count
 
 
@@ -111,20 +112,6 @@ def _time_cuda_events(fn, args) -> Timing:
         torch.cuda.synchronize()
         ms.append(a.elapsed_time(b))
     return Timing(_quantile(ms, 0.5), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms), "cuda events")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def git_commit() -> str:

@@ -75,9 +75,10 @@ def score(rows: list, kind: str) -> list:
     times: dict = {}
     for r in rows:
         if r["op"] == kind and r["mode"] == "fwd+bwd" and _split(r["provider"])[0] in known_backends():
-            group = times.setdefault(tuple(r[c] for c in GROUP), {})
+            key = tuple(r[c] for c in GROUP)
+            group = times.setdefault(key, {})
             if r["provider"] in group:
-                raise ValueError(f"two fwd+bwd rows of {r['provider']} for {kind} {dict(zip(GROUP, group))}: "
+                raise ValueError(f"two fwd+bwd rows of {r['provider']} for {kind} {dict(zip(GROUP, key))}: "
                                  "the CSV mixes runs (pass --card, or one run's CSV)")
             group[r["provider"]] = _ms(r, kind)
     device_type = rows[0]["device_type"] if rows else "cuda"
